@@ -1,0 +1,219 @@
+"""llama.cpp backend (llama-cpp-python): GGUF files, CPU or CUDA.
+
+The generation loop is ours rather than ``create_chat_completion``'s, so that
+the worker sees every token: cancellation is checked per token, usage is
+counted exactly in streaming too, and a prompt longer than the context is an
+error rather than a silent truncation.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from ..errors import BackendUnavailable, ContextLengthExceeded, InvalidRequest, ModelFailed
+from .base import (
+    Backend,
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    Progress,
+    StopBuffer,
+    TextDelta,
+    coerce_option,
+)
+
+#: Options a load may set, with their types; anything else is refused by name.
+LOAD_OPTIONS: dict[str, type] = {
+    "n_ctx": int,
+    "n_threads": int,
+    "n_threads_batch": int,
+    "n_batch": int,
+    "n_gpu_layers": int,
+    "main_gpu": int,
+    "seed": int,
+    "embedding": bool,
+    "use_mmap": bool,
+    "use_mlock": bool,
+    "flash_attn": bool,
+}
+DEFAULT_N_CTX = 4096
+
+
+def cuda_available() -> bool:
+    import llama_cpp
+
+    try:
+        return bool(llama_cpp.llama_supports_gpu_offload())
+    except AttributeError:
+        return False
+
+
+def coerce_options(options: dict[str, Any]) -> dict[str, Any]:
+    return {key: coerce_option("llama.cpp", key, value, LOAD_OPTIONS) for key, value in options.items()}
+
+
+class LlamaCppBackend(Backend):
+    name = "llamacpp"
+    parallel = 1  # one llama context: requests run in turn
+
+    def load(self, progress: Progress) -> None:
+        import llama_cpp
+        from llama_cpp import Llama
+
+        if not self.spec.path or not os.path.isfile(self.spec.path):
+            raise ModelFailed(f"GGUF file {self.spec.path!r} does not exist")
+        raw = dict(self.spec.options)
+        device = str(raw.pop("device", "auto") or "auto").lower()
+        options = coerce_options(raw)
+        self.gpu = cuda_available()
+        if device.startswith("cuda"):
+            if not self.gpu:
+                raise BackendUnavailable(
+                    f"device {device!r} was asked for, but this llama-cpp-python has no GPU support or sees no GPU; "
+                    "use device=cpu, or install a CUDA build of llama-cpp-python"
+                )
+            if ":" in device:
+                options["main_gpu"] = int(device.split(":", 1)[1])
+        elif device == "cpu":
+            options["n_gpu_layers"] = 0
+        elif device != "auto":
+            raise InvalidRequest(f"device must be auto, cpu or cuda[:N], not {device!r}")
+        options.setdefault("n_ctx", DEFAULT_N_CTX)
+        options.setdefault("n_gpu_layers", -1 if self.gpu else 0)
+        if options.get("n_threads") is None:
+            # Half the cores, as llama.cpp's own server does: on a box shared by notebooks,
+            # a thread per core makes every decode wait on whichever thread was preempted.
+            options["n_threads"] = max(1, min((os.cpu_count() or 2) // 2, 8))
+        self.options = options
+        progress(f"reading {os.path.basename(self.spec.path)}", 0.1)
+        try:
+            self.llm = Llama(model_path=self.spec.path, verbose=False, **options)
+        except ValueError as exc:  # llama-cpp-python's way of saying "could not load"
+            raise ModelFailed(f"llama.cpp could not load {self.spec.path}: {exc}") from exc
+        self.vocab = self.llm._model.vocab
+        self._is_eog = llama_cpp.llama_vocab_is_eog
+        self.formatter = self._chat_formatter()
+        self.lock = threading.Lock()
+        progress("ready", 1.0)
+
+    def _chat_formatter(self):
+        from llama_cpp import llama_chat_format
+
+        name = self.spec.chat_format
+        if name:
+            formatter = getattr(llama_chat_format, "format_" + name.replace("-", "_").replace(".", "_"), None)
+            if formatter is None:
+                raise InvalidRequest(
+                    f"unknown chat format {name!r} for llama.cpp (e.g. chatml, llama-2, mistral-instruct)"
+                )
+            return formatter
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            return llama_chat_format.format_chatml  # the common default for instruct GGUFs lacking one
+        model = self.llm._model
+        eos, bos = self.llm.token_eos(), self.llm.token_bos()
+        return llama_chat_format.Jinja2ChatFormatter(
+            template=template,
+            eos_token=model.token_get_text(eos) if eos != -1 else "",
+            bos_token=model.token_get_text(bos) if bos != -1 else "",
+        )
+
+    # --- prompts -------------------------------------------------------------
+    def _prompt_tokens(self, request: GenerationRequest) -> tuple[list[int], list[str]]:
+        """Token ids of the prompt, and stop strings the chat format adds."""
+        if request.kind == "chat":
+            try:
+                result = self.formatter(messages=request.messages)
+            except Exception as exc:  # a template that refuses the messages (e.g. roles out of order)
+                raise InvalidRequest(f"the model's chat template rejected the messages: {exc}") from exc
+            stops = [result.stop] if isinstance(result.stop, str) else list(result.stop or [])
+            tokens = self.llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
+            return tokens, [s for s in stops if s]
+        return self.llm.tokenize((request.prompt or "").encode("utf-8"), add_bos=True, special=True), []
+
+    def generate(self, request: GenerationRequest, cancelled: threading.Event) -> Iterator[GenerationEvent]:
+        tokens, format_stops = self._prompt_tokens(request)
+        n_ctx = self.llm.n_ctx()
+        if len(tokens) >= n_ctx:
+            raise ContextLengthExceeded(
+                f"the prompt has {len(tokens)} tokens but {self.spec.name!r} was loaded with a context of {n_ctx}; "
+                "shorten it, start a new conversation, or load the model with a larger n_ctx",
+                prompt_tokens=len(tokens),
+                context_length=n_ctx,
+            )
+        room = n_ctx - len(tokens)
+        max_tokens = room if not request.max_tokens or request.max_tokens <= 0 else min(request.max_tokens, room)
+        stopper = StopBuffer(list(request.stop) + format_stops)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        produced = 0
+        finish = "length"
+        with self.lock:
+            if request.seed is not None:
+                self.llm.set_seed(int(request.seed))
+            greedy = request.temperature <= 0
+            for token in self.llm.generate(
+                tokens,
+                temp=request.temperature,
+                top_p=1.0 if greedy else request.top_p,
+                top_k=1 if greedy else request.top_k,
+                min_p=0.0 if greedy else request.min_p,
+                repeat_penalty=request.repeat_penalty,
+                presence_penalty=request.presence_penalty,
+                frequency_penalty=request.frequency_penalty,
+            ):
+                if cancelled.is_set():
+                    finish = "cancelled"
+                    break
+                if self._is_eog(self.vocab, token):
+                    finish = "stop"
+                    break
+                produced += 1
+                piece = self.llm.detokenize([token])
+                text = stopper.push(decoder.decode(piece))
+                if text:
+                    yield TextDelta(text)
+                if stopper.stopped:
+                    finish = "stop"
+                    break
+                if produced >= max_tokens:
+                    break
+        tail = stopper.push(decoder.decode(b"", final=True)) + stopper.flush()
+        if tail:
+            yield TextDelta(tail)
+        yield Finished(finish, len(tokens), produced)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def embed(self, inputs: list[str]) -> tuple[list[list[float]], int]:
+        if not self.options.get("embedding"):
+            return super().embed(inputs)
+        import math
+
+        with self.lock:
+            vectors, total = [], 0
+            for text in inputs:
+                total += len(self.tokenize(text))
+                vector = self.llm.embed(text)
+                if vector and isinstance(vector[0], list):  # per-token output: mean-pool it
+                    vector = [sum(col) / len(vector) for col in zip(*vector, strict=True)]
+                norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+                vectors.append([v / norm for v in vector])
+        return vectors, total
+
+    def info(self) -> dict[str, Any]:
+        model = self.llm._model
+        return {
+            "backend": self.name,
+            "device": "cuda" if self.gpu and self.options.get("n_gpu_layers", 0) != 0 else "cpu",
+            "n_ctx": self.llm.n_ctx(),
+            "n_threads": self.options.get("n_threads"),
+            "chat_format": self.spec.chat_format
+            or ("gguf" if self.llm.metadata.get("tokenizer.chat_template") else "chatml"),
+            "n_params": model.n_params(),
+            "file_bytes": os.path.getsize(self.spec.path),
+        }

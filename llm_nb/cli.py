@@ -1,0 +1,313 @@
+"""``llm-nb``: the command line, reading like the Python API.
+
+llm-nb host                      run the host in the foreground
+llm-nb load [MODEL] [--name N]   load or attach (MODEL defaults to smollm2)
+llm-nb chat [MODEL] "PROMPT"     stream a reply to the terminal
+llm-nb ps [--json]               what is loaded, by whom, at what cost
+llm-nb unload MODEL [--force]
+llm-nb logs MODEL                a model worker's log
+llm-nb deploy NAME FOLDER        serve FOLDER's model.py at /models/NAME/
+llm-nb undeploy NAME             run its cleanup() and end its worker
+llm-nb stop                      stop the host
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime
+
+from .config import DEFAULT_MODEL, format_bytes
+from .errors import LlmNbError
+
+
+def _client(args, autostart: bool = True):
+    from .client import Client
+
+    return Client(args.connection_file, autostart=autostart)
+
+
+def _parse_options(pairs: list[str] | None) -> dict:
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise LlmNbError(f"--option takes key=value, not {pair!r}", code="invalid_request")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    return options
+
+
+def _load_fields(args) -> dict:
+    options = _parse_options(args.option)
+    for key in ("device", "dtype", "quantize"):
+        if getattr(args, key, None):
+            options[key] = getattr(args, key)
+    if getattr(args, "ctx", None):
+        options["n_ctx"] = args.ctx
+    return {
+        "name": args.name,
+        "backend": args.backend,
+        "options": options or None,
+        "keep_alive": args.keep_alive,
+        "url": getattr(args, "url", None),
+        "remote_model": getattr(args, "remote_model", None),
+        "api_key_env": getattr(args, "api_key_env", None),
+        "task": getattr(args, "task", None),
+        "chat_format": getattr(args, "chat_format", None),
+    }
+
+
+def describe_load(result: dict) -> str:
+    model = result["model"]
+    parts = [
+        model["name"],
+        model["backend"],
+        model.get("device") or "?",
+        format_bytes(model.get("memory_bytes")),
+        f"{result['seconds']:.2f} s",
+    ]
+    line = " · ".join(parts)
+    others = result.get("other_holders") or []
+    if result.get("attached"):
+        line += f" · attached: already loaded for {len(others)} other client{'s' if len(others) != 1 else ''}"
+    return line
+
+
+def cmd_load(args) -> int:
+    client = _client(args)
+    started = time.monotonic()
+
+    def progress(event: dict) -> None:
+        if time.monotonic() - started > 1.0 and sys.stderr.isatty():
+            message = event.get("message") or "loading"
+            print(f"\r{message} ({event.get('elapsed', 0):.0f} s)", end="", file=sys.stderr, flush=True)
+
+    result = client.load(args.model, on_progress=progress, **_load_fields(args))
+    if sys.stderr.isatty():
+        print("\r", end="", file=sys.stderr)
+    print(describe_load(result))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    client = _client(args)
+    model = args.model or DEFAULT_MODEL
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not any(m["name"] == model for m in client.status()["models"]):
+        client.load(model, keep_alive=args.keep_alive)
+    messages = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    messages.append({"role": "user", "content": prompt})
+    stream = client.chat(
+        messages, model, stream=True, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
+    )
+    try:
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        stream.close()
+        print("\n[interrupted]", file=sys.stderr)
+        return 130
+    print()
+    if args.verbose and stream.usage:
+        rate = stream.usage["completion_tokens"] / stream.elapsed_s if stream.elapsed_s else 0
+        print(
+            f"[{stream.usage['completion_tokens']} tokens · first token {stream.first_token_s or 0:.2f} s · {rate:.1f} tokens/s]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def format_status(status: dict) -> str:
+    rows = [("NAME", "BACKEND", "DEVICE", "STATE", "MEMORY", "HELD BY", "IN FLIGHT", "SERVED", "UNTIL")]
+    for m in status["models"]:
+        holders = ", ".join(lease["name"] for lease in m["leases"]) or "-"
+        if m.get("expires_at"):
+            until = datetime.fromtimestamp(m["expires_at"]).strftime("%H:%M:%S")
+        else:
+            until = "forever" if (m.get("keep_alive", 0) < 0 and not m["leases"]) else "-"
+        rows.append(
+            (
+                m["name"],
+                m["backend"],
+                m.get("device") or "-",
+                m["state"],
+                format_bytes(m["memory_bytes"]),
+                holders,
+                str(m["in_flight"]),
+                str(m["requests_served"]),
+                until,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.append(
+        f"budget: {format_bytes(status['used_bytes'])} of {format_bytes(status['budget_bytes'])} "
+        f"({status.get('budget_kind', 'ram').upper()}) used · host pid {status.get('pid')} at {status.get('url')}"
+    )
+    for m in status["models"]:
+        if m.get("failure"):
+            lines.append(f"{m['name']} failed: {m['failure']}")
+    return "\n".join(lines)
+
+
+def cmd_ps(args) -> int:
+    status = _client(args, autostart=False).status()
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def cmd_unload(args) -> int:
+    result = _client(args, autostart=False).unload(args.model, all=args.all, force=args.force)
+    for item in result.get("results", [result]):
+        state = "unloaded" if item.get("unloaded") else f"released; {item.get('remaining_leases', 0)} leases remain"
+        if not item.get("unloaded") and item.get("expires_at"):
+            state += f", unloads at {datetime.fromtimestamp(item['expires_at']).strftime('%H:%M:%S')} unless used"
+        print(f"{item['name']}: {state}")
+    return 0
+
+
+def cmd_logs(args) -> int:
+    print(_client(args, autostart=False).logs(args.model, args.lines), end="")
+    return 0
+
+
+def cmd_stop(args) -> int:
+    from .client import Client
+    from .connection import connection_path, live_host
+
+    if live_host(connection_path(args.connection_file)) is None:
+        print("no host is running")
+        return 0
+    result = Client(args.connection_file, autostart=False).shutdown()
+    print(f"host {result['pid']} is stopping")
+    return 0
+
+
+def cmd_deploy(args) -> int:
+    from .deployment import deploy
+
+    print(deploy(args.name, args.folder, connection=args.connection_file, progress=sys.stderr.isatty()))
+    return 0
+
+
+def cmd_undeploy(args) -> int:
+    result = _client(args, autostart=False).undeploy(args.name)
+    print(f"{result['name']}: undeployed v{result['version']} after {result['requests_served']} requests")
+    return 0
+
+
+def cmd_host(args) -> int:
+    from .host.app import run_from_args
+
+    return run_from_args(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="llm-nb", description="One shared model host for all your notebooks.")
+    parser.add_argument("--version", action="version", version=f"llm-nb {__version__}")
+    parser.add_argument(
+        "--connection-file", help="the host's connection file (default: $LLM_NB_CONNECTION or the per-user one)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from .host.app import add_host_arguments
+
+    p = sub.add_parser("host", help="run the host in the foreground")
+    add_host_arguments(p)
+    p.set_defaults(func=cmd_host)
+
+    p = sub.add_parser("load", help="load a model, or attach to it if it is loaded")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="catalog alias or path (default: smollm2)")
+    p.add_argument("--name", help="serve it under this name (load one file twice, e.g. with two backends)")
+    p.add_argument("--backend", help="llamacpp, transformers or remote")
+    p.add_argument(
+        "--keep-alive", help="seconds it stays loaded once nobody holds it (default 300; 0 frees at once; -1 never)"
+    )
+    p.add_argument("--ctx", type=int, help="context length")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 (transformers)")
+    p.add_argument("--dtype", help="auto, float16, bfloat16, float32 (transformers)")
+    p.add_argument("--quantize", choices=["4bit", "8bit"], help="bitsandbytes quantisation on CUDA (transformers)")
+    p.add_argument("--task", help="text-classification, token-classification, fill-mask (transformers)")
+    p.add_argument("--chat-format", help="chat format when the model has no template (e.g. chatml)")
+    p.add_argument("--url", help="base URL of a remote OpenAI-compatible engine (remote)")
+    p.add_argument("--remote-model", help="the model id at the remote engine (remote)")
+    p.add_argument("--api-key-env", help="environment variable that holds the remote's API key (remote)")
+    p.add_argument(
+        "--option", action="append", metavar="KEY=VALUE", help="backend option, e.g. n_threads=4 (repeatable)"
+    )
+    p.set_defaults(func=cmd_load)
+
+    p = sub.add_parser("chat", help="chat with a model, streaming the reply")
+    p.add_argument(
+        "args", nargs="+", metavar="[MODEL] PROMPT", help="model (default smollm2) and prompt ('-' reads stdin)"
+    )
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--keep-alive", help="keep-alive if this chat loads the model")
+    p.add_argument("-v", "--verbose", action="store_true", help="print tokens, time to first token and tokens/s")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("ps", help="show loaded models, who holds them and what they cost")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ps)
+
+    p = sub.add_parser("unload", help="release your lease on a model (--force: free it for everyone)")
+    p.add_argument("model", nargs="?")
+    p.add_argument("--all", action="store_true", help="every model this client holds (with --force: every model)")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_unload)
+
+    p = sub.add_parser("logs", help="show a model worker's log")
+    p.add_argument("model")
+    p.add_argument("-n", "--lines", type=int, default=200)
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("deploy", help="deploy a folder with model.py (and model.json) at /models/NAME/")
+    p.add_argument("name")
+    p.add_argument("folder")
+    p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("undeploy", help="undeploy NAME: its cleanup() runs, its worker ends")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_undeploy)
+
+    p = sub.add_parser("stop", help="stop the host (its models are unloaded)")
+    p.set_defaults(func=cmd_stop)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "chat":
+        words = args.args
+        args.model, args.prompt = (words[0], words[1]) if len(words) >= 2 else (None, words[0])
+        if len(words) > 2:
+            parser.error("chat takes [MODEL] PROMPT; quote the prompt")
+        if args.prompt == "-":
+            args.prompt = None
+    if args.command == "unload" and not args.model and not args.all:
+        parser.error("name a model to unload, or pass --all")
+    try:
+        return args.func(args)
+    except LlmNbError as exc:
+        print(f"llm-nb: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Settings read from ``LLM_NB_*`` environment variables, with defaults.
+
+One place for every knob, so the host, the client, the CLI and the Jupyter
+server extension agree on names and units.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InvalidRequest
+
+DEFAULT_MODEL = "smollm2"
+DEFAULT_KEEP_ALIVE_S = 300.0
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+
+
+def parse_size(text: str | int | float) -> int:
+    """Parse ``"6GiB"``, ``"512 MB"`` or a plain byte count into bytes."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise InvalidRequest(f"cannot read {text!r} as a memory size; write it like '6GiB', '512MB' or a byte count")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def format_bytes(n: int | float | None) -> str:
+    """``1536 -> '1.5 KiB'``: binary units, as memory is sold."""
+    if n is None:
+        return "?"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def parse_duration(text: str | int | float | None) -> float | None:
+    """Seconds from ``300``, ``"5m"``, ``"1h"`` or ``"-1"`` (forever: returns -1)."""
+    if text is None:
+        return None
+    if isinstance(text, (int, float)):
+        return float(text)
+    match = re.fullmatch(r"\s*(-?[0-9]*\.?[0-9]+)\s*(ms|s|m|h|)\s*", str(text))
+    if not match:
+        raise InvalidRequest(f"cannot read {text!r} as a duration; write it like '300', '5m' or '-1'")
+    value = float(match.group(1))
+    if value < 0:
+        return -1.0
+    return value * {"ms": 0.001, "": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(f"LLM_NB_{name}")
+    return value if value not in (None, "") else default
+
+
+@dataclass
+class Settings:
+    """Host settings. ``Settings.from_env()`` reads ``LLM_NB_*``."""
+
+    connection_file: Path | None = None
+    port: int = 0
+    memory_budget: int | None = None  # bytes; None: 90 % of GPU memory, else 50 % of RAM
+    keep_alive: float = DEFAULT_KEEP_ALIVE_S
+    max_queue: int = 64
+    max_body_bytes: int = 8 * 1024 * 1024
+    request_timeout: float = 600.0
+    load_timeout: float = 600.0
+    worker_grace: float = 5.0
+    lease_check_interval: float = 2.0
+    catalog_file: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        conn = _env("CONNECTION")
+        budget = _env("MEMORY_BUDGET")
+        catalog = _env("CATALOG")
+        return cls(
+            connection_file=Path(conn) if conn else None,
+            port=int(_env("PORT", "0")),
+            memory_budget=parse_size(budget) if budget else None,
+            keep_alive=parse_duration(_env("KEEP_ALIVE", str(DEFAULT_KEEP_ALIVE_S))),
+            max_queue=int(_env("MAX_QUEUE", "64")),
+            max_body_bytes=parse_size(_env("MAX_BODY", str(8 * 1024 * 1024))),
+            worker_grace=float(_env("WORKER_GRACE", "5")),
+            catalog_file=Path(catalog) if catalog else None,
+        )

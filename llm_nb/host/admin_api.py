@@ -1,0 +1,177 @@
+"""Admin routes under ``/api`` for the magics, the CLI and the panels."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from aiohttp import web
+
+from .. import __version__
+from ..catalog import catalog_entries, resolve
+from ..config import parse_duration
+from ..errors import InvalidRequest, LlmNbError, ModelNotFound
+from .http import PRINCIPAL, read_json
+from .registry import Lease, Registry
+from .schemas import LoadRequest, UnloadRequest, parse
+from .workers import tail
+
+routes = web.RouteTableDef()
+
+
+def registry_of(request: web.Request) -> Registry:
+    return request.app["registry"]
+
+
+def status_json(request: web.Request) -> dict:
+    app = request.app
+    status = registry_of(request).status_json()
+    principal = request[PRINCIPAL]
+    if principal.scope is not None:
+        status["models"] = [m for m in status["models"] if principal.allows(m["name"])]
+    status.update(
+        pid=app["info"]["pid"],
+        version=__version__,
+        url=app["info"]["url"],
+        started=app["info"]["started"],
+        uptime=time.time() - app["info"]["started"],
+    )
+    return status
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "version": __version__, "pid": request.app["info"]["pid"]})
+
+
+@routes.get("/api/status")
+async def status(request: web.Request) -> web.Response:
+    return web.json_response(status_json(request))
+
+
+@routes.get("/api/events")
+async def events(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: the status, once now and again after every change."""
+    registry = registry_of(request)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    version = -1
+    stop = request.app["stop_event"]
+    while not stop.is_set():  # a host that is stopping ends the stream, so shutdown need not wait for it
+        if version != registry.version:
+            version = registry.version
+            await response.write(f"event: status\ndata: {json.dumps(status_json(request))}\n\n".encode())
+        else:
+            await response.write(b": keep-alive\n\n")
+        changed = asyncio.ensure_future(registry.wait_change(version, timeout=15))
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({changed, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        changed.cancel()
+        stopping.cancel()
+    await response.write_eof()
+    return response
+
+
+@routes.get("/api/catalog")
+async def catalog(request: web.Request) -> web.Response:
+    return web.json_response({"models": catalog_entries()})
+
+
+def _lease(request: web.Request, client) -> Lease:
+    data = client.model_dump() if client is not None else None
+    return Lease.from_json(data, fallback=f"anonymous@{request.remote}")
+
+
+@routes.post("/api/models/load")
+async def load(request: web.Request) -> web.StreamResponse:
+    request[PRINCIPAL].require_admin()
+    body = parse(LoadRequest, await read_json(request))
+    spec = await asyncio.to_thread(
+        resolve,
+        body.model,
+        backend=body.backend,
+        name=body.name,
+        options=body.options,
+        chat_format=body.chat_format,
+        url=body.url,
+        remote_model=body.remote_model,
+        api_key_env=body.api_key_env,
+        task=body.task,
+    )
+    keep_alive = parse_duration(body.keep_alive) if body.keep_alive is not None else None
+    lease = _lease(request, body.client)
+    registry = registry_of(request)
+    started = time.monotonic()
+    # The load is the registry's task: if this request goes away, the load goes on.
+    task = asyncio.ensure_future(registry.load(spec, lease, keep_alive, api_key=body.api_key))
+
+    def result() -> dict:
+        model, attached = task.result()
+        others = [lease_.name for lease_ in model.leases.values() if lease_.client != lease.client]
+        return {
+            "model": model.status_json(registry.budget_kind),
+            "attached": attached,
+            "lease": lease.to_json(),
+            "other_holders": others,
+            "seconds": time.monotonic() - started,
+        }
+
+    if not body.stream:
+        await asyncio.shield(task)
+        return web.json_response(result())
+
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    while not task.done():
+        await asyncio.wait([task], timeout=0.25)
+        model = registry.models.get(spec.name)
+        if not task.done() and model is not None and model.state == "loading":
+            event = {"event": "progress", "elapsed": time.monotonic() - started, **(model.progress or {})}
+            event["elapsed"] = time.monotonic() - started
+            await response.write((json.dumps(event) + "\n").encode())
+    try:
+        event = {"event": "done", **result()}
+    except LlmNbError as exc:
+        event = {"event": "error", **exc.to_json(), "status": exc.status}
+    await response.write((json.dumps(event) + "\n").encode())
+    await response.write_eof()
+    return response
+
+
+@routes.post("/api/models/unload")
+async def unload(request: web.Request) -> web.Response:
+    request[PRINCIPAL].require_admin()
+    body = parse(UnloadRequest, await read_json(request))
+    registry = registry_of(request)
+    client = _lease(request, body.client).client
+    if body.all:
+        names = [name for name, m in registry.models.items() if body.force or client in m.leases]
+        results = [await registry.unload(name, client, body.force) for name in names]
+        return web.json_response({"results": results})
+    if not body.model:
+        raise InvalidRequest('name the model to unload, or pass "all": true')
+    return web.json_response(await registry.unload(body.model, client, body.force))
+
+
+@routes.get("/api/models/{name:.+}/logs")
+async def logs(request: web.Request) -> web.Response:
+    request[PRINCIPAL].require_admin()
+    registry = registry_of(request)
+    name = request.match_info["name"]
+    try:
+        lines = max(1, min(int(request.query.get("lines", "200")), 100_000))
+    except ValueError:
+        raise InvalidRequest("lines must be a whole number") from None
+    model = registry.models.get(name)
+    path = model.worker.log_path if model and model.worker else registry.log_dir / f"{name}.log"
+    if not path.exists():
+        raise ModelNotFound(f"no log for model {name!r} on this host")
+    return web.Response(text=tail(path, lines) + "\n", content_type="text/plain")
+
+
+@routes.post("/api/shutdown")
+async def shutdown(request: web.Request) -> web.Response:
+    request[PRINCIPAL].require_admin()
+    request.app["stop_event"].set()
+    return web.json_response({"stopping": True, "pid": request.app["info"]["pid"]})

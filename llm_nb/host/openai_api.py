@@ -1,0 +1,243 @@
+"""OpenAI-compatible routes under ``/v1``: models, chat, completions, embeddings.
+
+The host shapes OpenAI answers from the worker's small event stream
+(``{"text"}`` ... ``{"finish_reason", "prompt_tokens", "completion_tokens"}``),
+so usage and finish_reason are exact, streamed or not.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from aiohttp import web
+
+from ..errors import LlmNbError
+from .http import PRINCIPAL, read_json
+from .registry import LoadedModel, Registry
+from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, parse
+
+routes = web.RouteTableDef()
+
+
+def registry_of(request: web.Request) -> Registry:
+    return request.app["registry"]
+
+
+async def generation_events(model: LoadedModel, payload: dict) -> AsyncIterator[dict]:
+    """Wait for the model's queue, then yield the worker's events; counts the request."""
+    async with model.queue.slot():
+        model.touch()
+        async for event in model.worker.generate(payload):
+            yield event
+        model.requests_served += 1
+        model.touch()
+
+
+async def proxied(model: LoadedModel, request: web.Request, path: str, raw: dict) -> web.StreamResponse:
+    """A remote model's request, under the same per-model queue (its concurrency limit)."""
+    async with model.queue.slot():
+        model.touch()
+        response = await model.engine.proxy(request, path, raw)
+        model.requests_served += 1
+        return response
+
+
+def _sse(data: dict | str) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {text}\n\n".encode()
+
+
+def _usage(final: dict) -> dict:
+    prompt, completion = final.get("prompt_tokens", 0), final.get("completion_tokens", 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class _Shaper:
+    """Builds chat or text-completion objects, whole or as stream chunks."""
+
+    def __init__(self, kind: str, model: str):
+        self.kind = kind
+        self.model = model
+        self.created = int(time.time())
+        prefix = "chatcmpl" if kind == "chat" else "cmpl"
+        self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+    def chunk(self, text: str | None = None, finish_reason: str | None = None, role: bool = False) -> dict:
+        if self.kind == "chat":
+            delta: dict = {}
+            if role:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            obj = "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [choice]}
+
+    def usage_chunk(self, final: dict) -> dict:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": [],
+            "usage": _usage(final),
+        }
+
+    def whole(self, text: str, final: dict) -> dict:
+        if self.kind == "chat":
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": final.get("finish_reason"),
+            }
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": final.get("finish_reason")}
+            obj = "text_completion"
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": _usage(final),
+        }
+
+
+async def _respond(request: web.Request, kind: str, parsed, raw: dict) -> web.StreamResponse:
+    registry = registry_of(request)
+    model = registry.get(parsed.model)
+    request[PRINCIPAL].require(model.spec.name)
+    if model.engine is not None:  # remote engine: passed through as the remote shaped it
+        return await proxied(model, request, "chat/completions" if kind == "chat" else "completions", raw)
+    shaper = _Shaper(kind, model.spec.name)
+    async with aclosing(generation_events(model, parsed.worker_request())) as events:
+        first = await anext(events)  # queue full, context too long...: a plain error status, not a broken stream
+        if not parsed.stream:
+            parts, final = [], {}
+            event = first
+            while True:
+                if "text" in event:
+                    parts.append(event["text"])
+                elif "error" in event:
+                    raise LlmNbError(
+                        event["error"].get("message", "generation failed"), code=event["error"].get("code")
+                    )
+                else:
+                    final = event
+                try:
+                    event = await anext(events)
+                except StopAsyncIteration:
+                    break
+            return web.json_response(shaper.whole("".join(parts), final))
+
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+        await response.prepare(request)
+        if kind == "chat":
+            await response.write(_sse(shaper.chunk(text="", role=True)))
+        event = first
+        try:
+            while True:
+                if "text" in event:
+                    await response.write(_sse(shaper.chunk(text=event["text"])))
+                elif "error" in event:
+                    await response.write(_sse(event))
+                    return response
+                else:
+                    blank = "" if kind == "completion" else None
+                    await response.write(_sse(shaper.chunk(text=blank, finish_reason=event.get("finish_reason"))))
+                    if parsed.include_usage:
+                        await response.write(_sse(shaper.usage_chunk(event)))
+                try:
+                    event = await anext(events)
+                except StopAsyncIteration:
+                    break
+        except LlmNbError as exc:  # the worker died mid-stream: tell the client in-band
+            await response.write(_sse(exc.to_json()))
+            return response
+        await response.write(_sse("[DONE]"))
+        await response.write_eof()
+        return response
+
+
+@routes.post("/v1/chat/completions")
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    raw = await read_json(request)
+    return await _respond(request, "chat", parse(ChatCompletionRequest, raw), raw)
+
+
+@routes.post("/v1/completions")
+async def completions(request: web.Request) -> web.StreamResponse:
+    raw = await read_json(request)
+    return await _respond(request, "completion", parse(CompletionRequest, raw), raw)
+
+
+@routes.post("/v1/embeddings")
+async def embeddings(request: web.Request) -> web.Response:
+    raw = await read_json(request)
+    parsed = parse(EmbeddingRequest, raw)
+    model = registry_of(request).get(parsed.model)
+    request[PRINCIPAL].require(model.spec.name)
+    if model.engine is not None:
+        return await proxied(model, request, "embeddings", raw)
+    async with model.queue.slot():
+        result = await model.worker.embed(parsed.inputs())
+    model.requests_served += 1
+    model.touch()
+    data = []
+    for index, vector in enumerate(result["data"]):
+        if parsed.dimensions:
+            vector = vector[: parsed.dimensions]
+        if parsed.encoding_format == "base64":
+            vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": vector})
+    tokens = result.get("prompt_tokens", 0)
+    return web.json_response(
+        {
+            "object": "list",
+            "data": data,
+            "model": model.spec.name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+    )
+
+
+def _model_card(model: LoadedModel) -> dict:
+    return {
+        "id": model.spec.name,
+        "object": "model",
+        "created": int(model.loaded_at or model.created),
+        "owned_by": "llm-nb",
+        "backend": model.spec.backend,
+        "state": model.display_state,
+    }
+
+
+@routes.get("/v1/models")
+async def list_models(request: web.Request) -> web.Response:
+    models = [m for m in registry_of(request).models.values() if request[PRINCIPAL].allows(m.spec.name)]
+    return web.json_response({"object": "list", "data": [_model_card(m) for m in models]})
+
+
+@routes.get("/v1/models/{name:.+}")
+async def get_model(request: web.Request) -> web.Response:
+    registry = registry_of(request)
+    name = request.match_info["name"]
+    model = registry.models.get(name)
+    if model is None:
+        registry.get(name)  # raises the model_not_found error with its hint
+    request[PRINCIPAL].require(name)
+    return web.json_response(_model_card(model))

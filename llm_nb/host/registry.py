@@ -1,0 +1,472 @@
+"""Loaded models, their leases, the memory budget and keep-alive.
+
+The registry is the host's single source of truth: who holds what, what it
+costs, what state it is in. A load belongs to the registry, not to the request
+that asked for it: a client that gives up does not abort a load that others
+wait on (ollama#7408).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..catalog import ModelSpec
+from ..config import Settings, format_bytes
+from ..connection import pid_alive
+from ..errors import InsufficientMemory, InvalidRequest, LlmNbError, ModelCrashed, ModelLoading, ModelNotFound
+from . import memory
+from .scheduler import ModelQueue
+from .workers import WorkerProcess
+
+log = logging.getLogger("llm_nb.host.registry")
+
+
+@dataclass
+class Lease:
+    """One client's hold on a model. ``pid`` lets the host notice the client is gone."""
+
+    client: str
+    name: str = ""
+    pid: int | None = None
+    pid_started: float | None = None
+    since: float = field(default_factory=time.time)
+
+    @classmethod
+    def from_json(cls, data: dict | None, fallback: str) -> Lease:
+        data = data if isinstance(data, dict) else {}
+        client = str(data.get("id") or data.get("client") or fallback)[:200]
+        pid = data.get("pid")
+        started = data.get("pid_started")
+        return cls(
+            client=client,
+            name=str(data.get("name") or client)[:300],
+            pid=int(pid) if isinstance(pid, int) and pid > 0 else None,
+            pid_started=float(started) if isinstance(started, (int, float)) else None,
+        )
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class LoadedModel:
+    def __init__(self, spec: ModelSpec, keep_alive: float, estimate_bytes: int, max_waiting: int):
+        self.spec = spec
+        self.state = "loading"  # loading, ready, unloading, failed ("idle" is ready with no lease)
+        self.worker: WorkerProcess | None = None
+        self.engine: Any = None  # a remote engine (llm_nb.backends.remote), for models with no worker
+        self.leases: dict[str, Lease] = {}
+        self.queue = ModelQueue(spec.name, 1, max_waiting)
+        self.keep_alive = keep_alive
+        self.estimate_bytes = estimate_bytes
+        self.measured = {"rss_bytes": 0, "gpu_bytes": 0}
+        self.info: dict = {}
+        self.progress: dict = {}
+        self.failure: str | None = None
+        self.requests_served = 0
+        self.created = time.time()
+        self.loaded_at: float | None = None
+        self.load_seconds: float | None = None
+        self.last_used = time.time()
+        self.idle_since: float | None = None
+        self.load_task: asyncio.Task | None = None
+
+    @property
+    def display_state(self) -> str:
+        if self.state == "ready" and self.engine is not None and self.engine.healthy is False:
+            return "unreachable"
+        return "idle" if self.state == "ready" and not self.leases else self.state
+
+    def cost_bytes(self, kind: str) -> int:
+        """What counts against the budget: measured, or the estimate while loading."""
+        if self.state == "failed" or self.spec.backend == "remote":
+            return 0
+        measured = self.measured["gpu_bytes"] if kind == "gpu" else self.measured["rss_bytes"]
+        return max(measured, self.estimate_bytes) if self.state == "loading" else measured
+
+    def expires_at(self) -> float | None:
+        if self.leases or self.idle_since is None or self.keep_alive < 0:
+            return None
+        return self.idle_since + self.keep_alive
+
+    def touch(self) -> None:
+        self.last_used = time.time()
+
+    def status_json(self, kind: str) -> dict:
+        return {
+            "name": self.spec.name,
+            "backend": self.spec.backend,
+            "device": self.info.get("device", "remote" if self.spec.backend == "remote" else None),
+            "state": self.display_state,
+            "memory_bytes": self.cost_bytes(kind),
+            "rss_bytes": self.measured["rss_bytes"],
+            "gpu_bytes": self.measured["gpu_bytes"],
+            "estimate_bytes": self.estimate_bytes,
+            "leases": [
+                {"client": lease.client, "name": lease.name, "since": lease.since} for lease in self.leases.values()
+            ],
+            "in_flight": self.queue.in_flight,
+            "waiting": self.queue.waiting,
+            "requests_served": self.requests_served,
+            "loaded_at": self.loaded_at,
+            "load_seconds": self.load_seconds,
+            "last_used": self.last_used,
+            "keep_alive": self.keep_alive,
+            "expires_at": self.expires_at(),
+            "path": self.spec.path,
+            "url": self.spec.url,
+            "task": self.spec.task,
+            "worker_pid": self.worker.pid if self.worker else None,
+            "log_file": str(self.worker.log_path) if self.worker else None,
+            "progress": self.progress if self.state == "loading" else None,
+            "failure": self.failure,
+            "info": {k: v for k, v in self.info.items() if k not in ("state", "progress", "error", "rss_bytes", "pid")},
+        }
+
+
+def _same_model(a: ModelSpec, b: ModelSpec) -> bool:
+    return (a.backend, a.path, a.url, a.remote_model) == (b.backend, b.path, b.url, b.remote_model)
+
+
+class Registry:
+    def __init__(self, settings: Settings, runtime_dir: Path):
+        self.settings = settings
+        self.runtime_dir = runtime_dir
+        self.log_dir = runtime_dir / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if settings.memory_budget:
+            self.budget_bytes = settings.memory_budget
+            self.budget_kind = "gpu" if memory.gpu_info() else "ram"
+        else:
+            self.budget_bytes, self.budget_kind = memory.default_budget()
+        self.models: dict[str, LoadedModel] = {}
+        #: Memory outside the models that shares their budget, measured now: the deployments'
+        #: workers (``{"deployment NAME v1": bytes}``), set by the deployment manager.
+        self.other_costs: Callable[[str], dict[str, int]] = lambda kind: {}
+        self.version = 0
+        self._changed = asyncio.Condition()
+        self._admit = asyncio.Lock()
+        self._reaper: asyncio.Task | None = None
+        self._worker_seq = 0
+        self.remote_factory = None  # set by the host when the remote backend is available
+
+    # --- change notification (the panel's event stream) ---------------------
+    def notify(self) -> None:
+        self.version += 1
+
+        async def wake() -> None:
+            async with self._changed:
+                self._changed.notify_all()
+
+        asyncio.get_running_loop().create_task(wake())
+
+    async def wait_change(self, since: int, timeout: float) -> int:
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: self.version != since), timeout)
+            except TimeoutError:
+                pass
+        return self.version
+
+    # --- lifecycle -----------------------------------------------------------
+    def start(self) -> None:
+        self._reaper = asyncio.create_task(self._reap_forever())
+
+    async def shutdown(self) -> None:
+        if self._reaper:
+            self._reaper.cancel()
+        await asyncio.gather(*(self._free(m) for m in list(self.models.values())), return_exceptions=True)
+
+    # --- budget --------------------------------------------------------------
+    def used_bytes(self, others: dict[str, int] | None = None) -> int:
+        """Models plus the other costs (``others``: as ``other_costs`` measured them a moment ago)."""
+        if others is None:
+            others = self.other_costs(self.budget_kind)
+        return sum(m.cost_bytes(self.budget_kind) for m in self.models.values()) + sum(others.values())
+
+    def holders_summary(self) -> str:
+        parts = []
+        for m in self.models.values():
+            holders = ", ".join(lease.name for lease in m.leases.values()) or "nobody"
+            parts.append(
+                f"{m.spec.name} ({format_bytes(m.cost_bytes(self.budget_kind))}, {m.display_state}) held by {holders}"
+            )
+        parts += [f"{label} ({format_bytes(cost)})" for label, cost in self.other_costs(self.budget_kind).items()]
+        return "; ".join(parts) or "no models loaded"
+
+    async def _make_room(self, need: int, name: str) -> None:
+        """Evict unheld, quiet models, least recently used first, until ``need`` fits."""
+        free = self.budget_bytes - self.used_bytes()
+        if need <= free:
+            return
+        candidates = sorted(
+            (
+                m
+                for m in self.models.values()
+                if not m.leases
+                and m.queue.in_flight == 0
+                and m.state == "ready"
+                and m.keep_alive >= 0
+                and m.spec.backend != "remote"
+            ),
+            key=lambda m: m.last_used,
+        )
+        reclaimable = sum(m.cost_bytes(self.budget_kind) for m in candidates)
+        if need > free + reclaimable:
+            raise InsufficientMemory(
+                f"loading {name!r} needs about {format_bytes(need)} but only {format_bytes(free)} of the "
+                f"{format_bytes(self.budget_bytes)} {self.budget_kind.upper()} budget is free"
+                + (f" ({format_bytes(reclaimable)} more could be freed by evicting idle models)" if reclaimable else "")
+                + f". Loaded: {self.holders_summary()}. Unload a model (`%llm_unload NAME`, `llm-nb unload NAME`), "
+                "or raise the budget with LLM_NB_MEMORY_BUDGET.",
+                needed_bytes=need,
+                free_bytes=free,
+                budget_bytes=self.budget_bytes,
+            )
+        for victim in candidates:
+            if need <= self.budget_bytes - self.used_bytes():
+                break
+            log.info("evicting %s (idle since %s) to make room for %s", victim.spec.name, victim.idle_since, name)
+            await self._free(victim)
+
+    # --- load / unload ---------------------------------------------------------
+    async def load(
+        self, spec: ModelSpec, lease: Lease, keep_alive: float | None = None, api_key: str | None = None
+    ) -> tuple[LoadedModel, bool]:
+        """Attach to ``spec.name`` if it is loaded (or loading), else load it. Returns (model, attached)."""
+        async with self._admit:
+            model = self.models.get(spec.name)
+            carried: dict[str, Lease] = {}
+            if model is not None and model.state in ("failed", "unloading"):
+                carried = model.leases if model.state == "failed" else {}
+                await self._free(model)
+                model = None
+            if model is not None:
+                if not _same_model(model.spec, spec):
+                    raise InvalidRequest(
+                        f"the name {spec.name!r} is taken by {model.spec.path or model.spec.url} ({model.spec.backend}); "
+                        "choose another with --name"
+                    )
+                model.leases[lease.client] = lease
+                model.idle_since = None
+                if keep_alive is not None:
+                    model.keep_alive = keep_alive
+                model.touch()
+                attached = True
+            else:
+                need = await asyncio.to_thread(memory.estimate, spec)
+                await self._make_room(need, spec.name)
+                model = LoadedModel(
+                    spec,
+                    self.settings.keep_alive if keep_alive is None else keep_alive,
+                    need,
+                    self.settings.max_queue,
+                )
+                model.leases = {**carried, lease.client: lease}
+                self.models[spec.name] = model
+                model.load_task = asyncio.create_task(self._run_load(model, api_key))
+                attached = False
+            self.notify()
+        await asyncio.shield(model.load_task)
+        return model, attached
+
+    async def _run_load(self, model: LoadedModel, api_key: str | None = None) -> None:
+        started = time.monotonic()
+        try:
+            if model.spec.backend == "remote":
+                if self.remote_factory is None:
+                    raise LlmNbError("this host has no remote backend", code="backend_unavailable", status=400)
+                model.engine = await self.remote_factory(model.spec, api_key)
+                model.info = await model.engine.info()
+                model.queue.slots = model.info.get("parallel", 4)
+            else:
+                self._worker_seq += 1
+                # Short socket names: a Unix socket path must fit in 107 bytes.
+                worker = WorkerProcess(
+                    model.spec,
+                    self.runtime_dir / f"w{self._worker_seq}.sock",
+                    self.log_dir / f"{_safe(model.spec.name)}.log",
+                    on_exit=self._worker_exited,
+                )
+                model.worker = worker
+                await worker.start()
+
+                def on_progress(event: dict) -> None:
+                    model.progress = {k: event.get(k) for k in ("message", "fraction", "elapsed")}
+                    self.notify()
+
+                model.info = await worker.load(on_progress)
+            model.queue = ModelQueue(model.spec.name, int(model.info.get("parallel", 1)), self.settings.max_queue)
+        except BaseException as exc:
+            log.warning("load of %s failed: %s", model.spec.name, exc)
+            if model.worker is not None:
+                await model.worker.kill()
+            if self.models.get(model.spec.name) is model:
+                del self.models[model.spec.name]
+            self.notify()
+            raise
+        model.load_seconds = time.monotonic() - started
+        model.loaded_at = time.time()
+        model.state = "ready"
+        model.progress = {}
+        await self._measure(model)
+        log.info(
+            "loaded %s in %.2f s (%s)",
+            model.spec.name,
+            model.load_seconds,
+            format_bytes(model.cost_bytes(self.budget_kind)),
+        )
+        self.notify()
+
+    async def _worker_exited(self, worker: WorkerProcess) -> None:
+        if worker.stopping:
+            return
+        for model in self.models.values():
+            if model.worker is worker and model.state != "unloading":
+                model.state = "failed"
+                model.failure = worker.crash_reason()
+                model.measured = {"rss_bytes": 0, "gpu_bytes": 0}
+                self.notify()
+
+    async def unload(self, name: str, client: str | None, force: bool = False) -> dict:
+        model = self.models.get(name)
+        if model is None:
+            raise ModelNotFound(f"model {name!r} is not loaded; loaded: {', '.join(self.models) or 'none'}")
+        if force:
+            holders = [lease.name for lease in model.leases.values()]
+            await self._free(model)
+            return {"name": name, "unloaded": True, "released": holders}
+        released = model.leases.pop(client, None) if client else None
+        if not model.leases:
+            model.idle_since = model.idle_since or time.time()
+        freed = await self._expire(model)
+        self.notify()
+        return {
+            "name": name,
+            "unloaded": freed,
+            "released": [released.name] if released else [],
+            "remaining_leases": len(model.leases),
+            "expires_at": model.expires_at(),
+        }
+
+    async def _expire(self, model: LoadedModel, now: float | None = None) -> bool:
+        """Free a model whose keep-alive has run out (or that failed and nobody holds)."""
+        if model.leases or model.queue.in_flight:
+            return False
+        if model.state == "failed":
+            await self._free(model)
+            return True
+        expires = model.expires_at()
+        if model.state == "ready" and expires is not None and expires <= (now or time.time()):
+            await self._free(model)
+            return True
+        return False
+
+    async def _free(self, model: LoadedModel) -> None:
+        name = model.spec.name
+        if model.state == "loading" and model.load_task and not model.load_task.done():
+            if model.worker is not None:
+                await model.worker.kill()
+            model.load_task.cancel()
+        model.state = "unloading"
+        self.notify()
+        try:
+            if model.worker is not None:
+                await model.worker.stop(self.settings.worker_grace)
+            if model.engine is not None:
+                await model.engine.close()
+        finally:
+            if self.models.get(name) is model:
+                del self.models[name]
+            self.notify()
+            memory.release_free_memory()
+            log.info("unloaded %s", name)
+
+    # --- requests ----------------------------------------------------------------
+    def get(self, name: str | None) -> LoadedModel:
+        """The model a request names, ready to serve, or an error that says what to do."""
+        if not name:
+            raise InvalidRequest(
+                'the request names no model; set "model" to one of: ' + (", ".join(self.models) or "(none loaded)")
+            )
+        model = self.models.get(name)
+        if model is None:
+            raise ModelNotFound(
+                f"model {name!r} is not loaded; loaded: {', '.join(self.models) or 'none'}. "
+                f"Load it first (`%llm_load {name}`, `llm-nb load {name}`, or POST /api/models/load)"
+            )
+        if model.state == "loading":
+            raise ModelLoading(f"model {name!r} is still loading; retry in a few seconds", retry_after=2)
+        if model.state == "failed":
+            raise ModelCrashed(f"model {name!r} failed: {model.failure}\nload it again to start a fresh worker")
+        if model.state == "unloading":
+            raise ModelNotFound(f"model {name!r} is being unloaded")
+        return model
+
+    # --- housekeeping ----------------------------------------------------------
+    async def _measure(self, model: LoadedModel, gpu_by_pid: dict[int, int] | None = None) -> None:
+        if model.worker is not None and model.worker.pid:
+            measured = await asyncio.to_thread(memory.measure, model.worker.pid, gpu_by_pid)
+            # NVML cannot see pids inside a container: then count what the worker's own
+            # CUDA allocator reported (the transformers backend's info()["gpu_bytes"]).
+            if not measured["gpu_bytes"] and model.info.get("gpu_bytes"):
+                measured["gpu_bytes"] = int(model.info["gpu_bytes"])
+            model.measured = measured
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.lease_check_interval)
+            try:
+                await self.reap()
+            except Exception:  # housekeeping must never stop
+                log.exception("housekeeping failed")
+
+    async def reap(self) -> None:
+        """Release leases of clients that ended, expire idle models, refresh measurements."""
+        now = time.time()
+        changed = False
+        for model in list(self.models.values()):
+            for client, lease in list(model.leases.items()):
+                if lease.pid is not None and not pid_alive(lease.pid, lease.pid_started):
+                    log.info(
+                        "client %s (pid %s) is gone: releasing its lease on %s", lease.name, lease.pid, model.spec.name
+                    )
+                    del model.leases[client]
+                    changed = True
+                    if not model.leases:
+                        model.idle_since = now
+            if model.leases:
+                model.idle_since = None
+            elif model.idle_since is None:
+                model.idle_since = now
+            if await self._expire(model, now):
+                changed = True
+        gpu_by_pid = await asyncio.to_thread(memory.gpu_memory_by_pid) if self.budget_kind == "gpu" else {}
+        for model in list(self.models.values()):
+            if model.state == "ready":
+                await self._measure(model, gpu_by_pid)
+            if model.state == "ready" and model.engine is not None and await model.engine.refresh_health():
+                model.info = await model.engine.info()
+                changed = True
+        if changed:
+            self.notify()
+
+    def status_json(self) -> dict:
+        others = self.other_costs(self.budget_kind)  # measured now: once per status
+        return {
+            "models": [m.status_json(self.budget_kind) for m in self.models.values()],
+            "budget_bytes": self.budget_bytes,
+            "budget_kind": self.budget_kind,
+            "used_bytes": self.used_bytes(others),
+            "other_bytes": others,
+            "version": self.version,
+        }
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)

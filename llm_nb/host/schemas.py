@@ -1,0 +1,272 @@
+"""Request shapes of the host's public routes, validated strictly.
+
+Strict validation turns wrong types into a 400 that names the field, instead
+of a surprise deep inside a backend; the same models describe the routes in
+the OpenAPI document.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..errors import InvalidRequest
+
+MAX_TOKENS_LIMIT = 1_000_000
+StopStr = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+def parse(model: type[BaseModel], body: Any):
+    """Validate ``body`` against ``model``; errors name the fields at fault."""
+    if not isinstance(body, dict):
+        raise InvalidRequest(f"the request body must be a JSON object, not {type(body).__name__}")
+    try:
+        return model.model_validate(body, strict=True)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors()[:5]:
+            where = ".".join(str(p) for p in error["loc"]) or "body"
+            problems.append(f"{where}: {error['msg']}")
+        raise InvalidRequest(
+            "invalid request: " + "; ".join(problems),
+            param=str(exc.errors()[0]["loc"][0]) if exc.errors() and exc.errors()[0]["loc"] else None,
+        ) from None
+
+
+class _Base(BaseModel):
+    # OpenAI clients send fields we do not use (user, logit_bias, metadata...): ignore them.
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(_Base):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Base):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(_Base):
+    include_usage: bool = False
+
+
+class SamplingParams(_Base):
+    model: str = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0, le=100_000)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repeat_penalty: float | None = Field(None, ge=0.0, le=10.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    stop: StopStr | list[StopStr] | None = None
+    n: int = Field(1, ge=1, le=1, description="only n=1 is served")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool | int | None = None
+    response_format: dict | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, value):
+        if isinstance(value, list) and len(value) > 8:
+            raise ValueError("at most 8 stop sequences")
+        return value
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value):
+        if value:
+            raise ValueError("logprobs are not served by llm-nb")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value):
+        if value and value.get("type") not in (None, "text"):
+            raise ValueError('only response_format {"type": "text"} is served')
+        return value
+
+    def generation(self, **fields: Any) -> dict:
+        """The worker's GenerationRequest as JSON."""
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        out = {
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "repeat_penalty": self.repeat_penalty,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "seed": self.seed,
+            "stop": stops,
+        }
+        out.update(fields)
+        return {k: v for k, v in out.items() if v is not None}
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(SamplingParams):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=10_000)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    tools: list | None = None
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, value):
+        if value:
+            raise ValueError("tool calling is not served by llm-nb yet")
+        return value
+
+    def worker_request(self) -> dict:
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        return self.generation(kind="chat", messages=messages, max_tokens=self.max_completion_tokens or self.max_tokens)
+
+
+class CompletionRequest(SamplingParams):
+    prompt: str | list[str]
+    echo: bool = False
+    suffix: str | None = None
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, value):
+        if value:
+            raise ValueError("echo is not served by llm-nb")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value):
+        if value:
+            raise ValueError("suffix (fill-in-the-middle) is not served by llm-nb")
+        return value
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, value):
+        if isinstance(value, list) and len(value) != 1:
+            raise ValueError("give one prompt (a string, or a list of one string)")
+        return value
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def worker_request(self) -> dict:
+        return self.generation(kind="completion", prompt=self.prompt_text())
+
+
+class EmbeddingRequest(_Base):
+    model: str = Field(min_length=1, max_length=256)
+    input: str | list[str] = Field(min_length=1)
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+
+    @field_validator("input")
+    @classmethod
+    def _bounded(cls, value):
+        if isinstance(value, list) and len(value) > 2048:
+            raise ValueError("at most 2048 inputs per request")
+        return value
+
+    def inputs(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class ClientInfo(_Base):
+    id: str | None = Field(None, max_length=200)
+    name: str | None = Field(None, max_length=300)
+    pid: int | None = Field(None, ge=1, le=2**31)
+    pid_started: float | None = None
+
+
+class LoadRequest(_Base):
+    model: str | None = Field(None, max_length=4096)
+    name: str | None = Field(None, max_length=128)
+    backend: str | None = Field(None, max_length=32)
+    options: dict[str, Any] = Field(default_factory=dict)
+    keep_alive: float | int | str | None = None
+    chat_format: str | None = Field(None, max_length=64)
+    url: str | None = Field(None, max_length=2048)
+    remote_model: str | None = Field(None, max_length=512)
+    api_key_env: str | None = Field(None, max_length=256)
+    api_key: str | None = Field(
+        None, max_length=4096, description="a remote's key, read from api_key_env by the client"
+    )
+    task: str | None = Field(None, max_length=64)
+    client: ClientInfo | None = None
+    stream: bool = False
+
+
+class UnloadRequest(_Base):
+    model: str | None = Field(None, max_length=256)
+    all: bool = False
+    force: bool = False
+    client: ClientInfo | None = None
+
+
+class InferTensor(_Base):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list
+    parameters: dict | None = None
+
+
+class InferRequest(_Base):
+    """KServe v2 infer body; the route checks shapes and datatypes itself, with pointed messages."""
+
+    id: str | None = None
+    parameters: dict | None = None
+    inputs: list[InferTensor]
+
+
+class TokenRequest(_Base):
+    """``POST /api/token``: a session token for some deployments or models (``*``: all)."""
+
+    scope: str | list[Annotated[str, Field(max_length=256)]] | None = None
+    ttl: float | int = Field(3600, description="seconds the token lives")
+
+
+class DeployRequest(_Base):
+    name: str = Field(max_length=128, description="served at /models/<name>/")
+    folder: str = Field(max_length=4096, description="the folder with model.py (and model.json), on the host")
+    stream: bool = False
+
+
+class UndeployRequest(_Base):
+    name: str = Field(max_length=128)
+
+
+class UseModelRequest(_Base):
+    """``POST /api/deployments/{name}/use``: a lease on a host model for that deployment's model.py."""
+
+    model: str = Field(max_length=4096)
+    name: str | None = Field(None, max_length=128)
+    options: dict[str, Any] = Field(default_factory=dict)
+    keep_alive: float | int | str | None = None
+
+
+class PredictPayload(BaseModel):
+    """A deployment's payload: whatever its model.py reads; the Practicus-style keys are these."""
+
+    model_config = ConfigDict(extra="allow")
+    user_prompt: str | None = None
+    system_context: str | None = None
