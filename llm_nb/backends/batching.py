@@ -1,0 +1,404 @@
+"""Continuous batching for a Hugging Face causal LM: requests join and leave a running batch.
+
+One engine thread owns the model and a padded KV cache. Each request's
+``generate`` call hands the engine a ``Sequence`` and reads its events from a
+queue of its own. Every step the engine:
+
+1. drops sequences whose client went away (the worker's ``cancelled`` flag),
+2. admits waiting sequences while the batch has room: each prompt is prefilled
+   alone (no padding, so a prompt's cache is the same whether it runs alone or
+   beside others), its first token is sampled, and its cache is merged into the
+   batch cache, left-padded to a common length,
+3. decodes one token for every sequence in one forward pass, with an attention
+   mask that hides each row's padding and position ids that count only its
+   real tokens (so RoPE and learned positions see what they would alone),
+4. samples per sequence (its own temperature, top-k/p, min-p, penalties, seed),
+   streams text through its own stop buffer, and removes finished rows, trimming
+   cache columns that have become padding for every row left.
+
+Padding keys and values are zeros and always masked, so a row's attention
+sums the same real terms alone or in a batch: greedy outputs match.
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import logging
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .base import Finished, GenerationEvent, GenerationRequest, StopBuffer, TextDelta
+
+log = logging.getLogger("llm_nb.backends.batching")
+
+#: How many recent tokens ``repeat_penalty`` looks at, as llama.cpp does (``repeat_last_n``).
+REPEAT_LAST_N = 64
+
+
+class Detokenizer:
+    """Turns a growing list of token ids into text pieces, never splitting a character.
+
+    Decoding a window of the last few tokens, and emitting only what the newest
+    token added, keeps multi-token characters (UTF-8 split across byte tokens)
+    and tokenizers that strip a leading space from a lone piece correct: the
+    streamed pieces join to the text the whole id list decodes to.
+    """
+
+    def __init__(self, tokenizer, lock: threading.Lock):
+        self.tokenizer = tokenizer
+        self.lock = lock
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        with self.lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        after = self._decode(self.ids[self.prefix_offset :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return after[len(before) :]
+        return ""
+
+    def flush(self) -> str:
+        before = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        after = self._decode(self.ids[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return after[len(before) :] if len(after) > len(before) else ""
+
+
+@dataclass
+class Sequence:
+    """One request inside the engine, and the queue its ``generate`` call reads."""
+
+    request: GenerationRequest
+    prompt_ids: list[int]
+    max_new_tokens: int
+    stops: list[str]
+    cancelled: threading.Event
+    detokenizer: Detokenizer
+    events: queue.Queue = field(default_factory=queue.Queue)
+    generated: list[int] = field(default_factory=list)
+    done: bool = False
+    abandoned: bool = False  # the generate() call ended (its consumer closed it)
+    submitted: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    generator: Any = None
+
+    def __post_init__(self) -> None:
+        self.stopper = StopBuffer(self.stops)
+
+    @property
+    def gone(self) -> bool:
+        return self.abandoned or self.cancelled.is_set()
+
+    def emit(self, event: GenerationEvent | BaseException) -> None:
+        self.events.put(event)
+
+    def finish(self, reason: str) -> None:
+        if self.done:
+            return
+        tail = self.stopper.push(self.detokenizer.flush()) + self.stopper.flush()
+        if tail:
+            self.emit(TextDelta(tail))
+        self.emit(Finished(reason, len(self.prompt_ids), len(self.generated)))
+        self.done = True
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.done:
+            self.done = True
+            self.emit(exc)
+
+
+class BatchEngine:
+    """Runs up to ``max_batch`` sequences of one causal LM together, in a thread of its own."""
+
+    def __init__(self, model, tokenizer, tokenizer_lock: threading.Lock, *, device, eos_ids: set[int], max_batch: int):
+        import torch
+
+        self.torch = torch
+        self.model = model
+        self.tokenizer = tokenizer
+        self.tokenizer_lock = tokenizer_lock
+        self.device = device
+        self.eos_ids = set(eos_ids)
+        self.max_batch = max(1, int(max_batch))
+        self.inbox: queue.Queue[Sequence | None] = queue.Queue()
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.rows: list[Sequence] = []
+        self.cache = None  # DynamicCache over self.rows, left-padded
+        self.mask = None  # [rows, cache length]: 1 where a row has a real token
+        self.next_tokens: list[int] = []  # each row's newest token, not yet in the cache
+        self.steps = 0
+        self.tokens_out = 0
+        self.largest_batch = 0
+        self._stopping = False
+        forward = inspect.signature(model.forward).parameters
+        self._logits_to_keep = "logits_to_keep" in forward
+        self._thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
+        self._thread.start()
+
+    # --- the public side: called from generate() threads ------------------------
+    def submit(self, seq: Sequence) -> None:
+        if self._stopping:
+            raise RuntimeError("the batching engine has stopped")
+        self.inbox.put(seq)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "running": len(self.rows),
+            "waiting": len(self.waiting) + self.inbox.qsize(),
+            "steps": self.steps,
+            "tokens_generated": self.tokens_out,
+            "largest_batch": self.largest_batch,
+        }
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping = True
+        self.inbox.put(None)
+        self._thread.join(timeout)
+
+    # --- the engine thread --------------------------------------------------------
+    def _run(self) -> None:
+        with self.torch.inference_mode():
+            while not self._stopping:
+                try:
+                    self._take_new(block=not self.rows and not self.waiting)
+                    if self._stopping:
+                        break
+                    self._drop_gone()
+                    self._admit()
+                    if self.rows:
+                        self._decode_step()
+                except Exception as exc:  # a failed step fails its sequences; the engine goes on
+                    log.exception("batch step failed")
+                    for seq in self.rows:
+                        seq.fail(exc)
+                    self._reset()
+        for seq in [*self.rows, *self.waiting]:
+            seq.fail(RuntimeError("the model is shutting down"))
+
+    def _take_new(self, block: bool) -> None:
+        try:
+            item = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if item is None:
+                self._stopping = True
+                return
+            self.waiting.append(item)
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _drop_gone(self) -> None:
+        for seq in [s for s in self.waiting if s.gone]:
+            self.waiting.remove(seq)
+            seq.finish("cancelled")
+        gone = [i for i, s in enumerate(self.rows) if s.gone]
+        if gone:
+            for i in gone:
+                self.rows[i].finish("cancelled")
+            self._keep_rows([i for i in range(len(self.rows)) if i not in gone])
+
+    def _reset(self) -> None:
+        self.rows, self.cache, self.mask, self.next_tokens = [], None, None, []
+
+    # --- admission: prefill alone, merge into the batch ---------------------------------
+    def _admit(self) -> None:
+        while self.waiting and len(self.rows) < self.max_batch:
+            seq = self.waiting.popleft()
+            if seq.gone:
+                seq.finish("cancelled")
+                continue
+            try:
+                cache, token = self._prefill(seq)
+            except Exception as exc:  # this prompt failed (e.g. out of memory): the batch goes on
+                log.exception("prefill failed")
+                seq.fail(exc)
+                continue
+            self._accept(seq, token)
+            if not seq.done:
+                self._merge(seq, cache, token)
+
+    def _prefill(self, seq: Sequence):
+        from transformers import DynamicCache
+
+        torch = self.torch
+        ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)
+        cache = DynamicCache()
+        kwargs = {"logits_to_keep": 1} if self._logits_to_keep else {}
+        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, **kwargs)
+        self.steps += 1
+        return out.past_key_values, self._sample(seq, out.logits[0, -1].float())
+
+    def _merge(self, seq: Sequence, cache, token: int) -> None:
+        torch = self.torch
+        length = len(seq.prompt_ids)
+        row_mask = torch.ones((1, length), dtype=torch.long, device=self.device)
+        if self.cache is None:
+            self.cache, self.mask = cache, row_mask
+        else:
+            current = self.mask.shape[1]
+            width = max(current, length)
+            for batch_layer, new_layer in zip(self.cache.layers, cache.layers, strict=True):
+                if batch_layer.keys is None or new_layer.keys is None:
+                    continue
+                batch_layer.keys = torch.cat(
+                    [_pad_left(batch_layer.keys, width - current), _pad_left(new_layer.keys, width - length)]
+                )
+                batch_layer.values = torch.cat(
+                    [_pad_left(batch_layer.values, width - current), _pad_left(new_layer.values, width - length)]
+                )
+            self.mask = torch.cat(
+                [
+                    torch.nn.functional.pad(self.mask, (width - current, 0)),
+                    torch.nn.functional.pad(row_mask, (width - length, 0)),
+                ]
+            )
+        self.rows.append(seq)
+        self.next_tokens.append(token)
+        if len(self.rows) > self.largest_batch:
+            self.largest_batch = len(self.rows)
+            log.info("batch grew to %d rows (most so far)", self.largest_batch)
+
+    def _keep_rows(self, keep: list[int]) -> None:
+        """Keep only these rows; trim cache columns that are padding for every row left."""
+        if not keep:
+            self._reset()
+            return
+        torch = self.torch
+        if len(keep) < len(self.rows):
+            index = torch.tensor(keep, dtype=torch.long, device=self.device)
+            for layer in self.cache.layers:
+                if layer.keys is not None:
+                    layer.keys = layer.keys.index_select(0, index)
+                    layer.values = layer.values.index_select(0, index)
+            self.mask = self.mask.index_select(0, index)
+            self.rows = [self.rows[i] for i in keep]
+            self.next_tokens = [self.next_tokens[i] for i in keep]
+        first = int(self.mask.any(dim=0).long().argmax())
+        if first > 0:
+            for layer in self.cache.layers:
+                if layer.keys is not None:
+                    layer.keys = layer.keys[:, :, first:, :]
+                    layer.values = layer.values[:, :, first:, :]
+            self.mask = self.mask[:, first:]
+
+    # --- one decoding step for the whole batch -------------------------------------------
+    def _decode_step(self) -> None:
+        torch = self.torch
+        rows = len(self.rows)
+        input_ids = torch.tensor(self.next_tokens, dtype=torch.long, device=self.device).view(rows, 1)
+        positions = self.mask.sum(dim=1, keepdim=True)  # real tokens so far = the new token's position
+        mask = torch.cat([self.mask, torch.ones((rows, 1), dtype=torch.long, device=self.device)], dim=1)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.cache, self.mask = out.past_key_values, mask
+        self.steps += 1
+        logits = out.logits[:, -1, :].float()
+        greedy = logits.argmax(dim=-1).tolist()
+        keep = []
+        for i, seq in enumerate(self.rows):
+            token = greedy[i] if _plain_greedy(seq.request) else self._sample(seq, logits[i])
+            self._accept(seq, token)
+            if not seq.done:
+                self.next_tokens[i] = token
+                keep.append(i)
+        if len(keep) < rows:
+            self._keep_rows(keep)
+
+    # --- tokens in, text out --------------------------------------------------------------
+    def _accept(self, seq: Sequence, token: int) -> None:
+        if seq.first_token_at is None:
+            seq.first_token_at = time.monotonic()
+        if token in self.eos_ids:
+            seq.finish("stop")
+            return
+        seq.generated.append(token)
+        self.tokens_out += 1
+        text = seq.stopper.push(seq.detokenizer.push(token))
+        if text:
+            seq.emit(TextDelta(text))
+        if seq.stopper.stopped:
+            seq.finish("stop")
+        elif len(seq.generated) >= seq.max_new_tokens:
+            seq.finish("length")
+
+    def _sample(self, seq: Sequence, logits) -> int:
+        """One token for one sequence from its last logits (float32, [vocab])."""
+        torch = self.torch
+        request = seq.request
+        logits = _apply_penalties(torch, logits, seq)
+        if request.temperature <= 0:
+            return int(logits.argmax())
+        logits = logits / request.temperature
+        vocab = logits.shape[-1]
+        if request.top_k and 0 < request.top_k < vocab:
+            kth = torch.topk(logits, request.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if request.min_p and request.min_p > 0:
+            probs = probs.masked_fill(probs < request.min_p * probs.max(), 0.0)
+        if request.top_p is not None and request.top_p < 1.0:
+            ordered, order = torch.sort(probs, descending=True)
+            cumulative = torch.cumsum(ordered, dim=-1)
+            cut = cumulative - ordered > request.top_p  # keep the smallest set reaching top_p
+            ordered = ordered.masked_fill(cut, 0.0)
+            probs = torch.zeros_like(probs).scatter(0, order, ordered)
+        if seq.generator is None:
+            seed = request.seed if request.seed is not None else random.getrandbits(63)
+            seq.generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        return int(torch.multinomial(probs / probs.sum(), 1, generator=seq.generator))
+
+
+def _plain_greedy(request: GenerationRequest) -> bool:
+    """Greedy with no penalties: the batch-wide argmax is this row's token."""
+    no_penalty = (
+        request.repeat_penalty in (None, 1.0) and not request.presence_penalty and not request.frequency_penalty
+    )
+    return request.temperature <= 0 and no_penalty
+
+
+def _apply_penalties(torch, logits, seq: Sequence):
+    request = seq.request
+    if request.repeat_penalty and request.repeat_penalty != 1.0:
+        recent = (seq.prompt_ids + seq.generated)[-REPEAT_LAST_N:]
+        if recent:
+            index = torch.tensor(sorted(set(recent)), dtype=torch.long, device=logits.device)
+            picked = logits.index_select(0, index)
+            picked = torch.where(picked > 0, picked / request.repeat_penalty, picked * request.repeat_penalty)
+            logits = logits.index_copy(0, index, picked)
+    if (request.presence_penalty or request.frequency_penalty) and seq.generated:
+        counts = collections.Counter(seq.generated)
+        index = torch.tensor(list(counts), dtype=torch.long, device=logits.device)
+        times = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)
+        logits = logits.index_add(
+            0, index, -(times * (request.frequency_penalty or 0.0) + (request.presence_penalty or 0.0))
+        )
+    return logits
+
+
+def _pad_left(tensor, amount: int):
+    """Zero keys/values in front of a [batch, heads, length, dim] cache tensor."""
+    if amount <= 0:
+        return tensor
+    import torch
+
+    return torch.nn.functional.pad(tensor, (0, 0, amount, 0))

@@ -1,0 +1,503 @@
+"""Hugging Face transformers backend: HF folders and GGUF files, on CUDA or CPU.
+
+Generative models run through a continuous-batching engine
+(``llm_nb.backends.batching``): concurrent ``generate`` calls, one per request
+thread of the worker, join one running batch, so the host may send
+``parallel`` requests at once. Encoder models (BERT-style) make embeddings:
+mean pooling over real tokens, L2-normalised.
+
+Options (``spec.options``, from ``--device/--dtype/--quantize`` or the load API):
+
+``device``      ``auto`` (CUDA when torch sees one, else CPU), ``cpu``, ``cuda``, ``cuda:N``
+``dtype``       ``auto`` (float32 on CPU; the checkpoint's 16-bit type, else bfloat16, on CUDA),
+                ``float16``, ``bfloat16``, ``float32``
+``quantize``    ``4bit`` or ``8bit`` through bitsandbytes, CUDA only
+``gguf_file``   a GGUF file inside the folder ``path`` (a ``.gguf`` path sets it by itself);
+                transformers dequantises it to ``dtype``
+``n_ctx``       context length (default: the model's, at most 4096)
+``max_batch``   most requests decoded together (default 8 on CPU, 16 on CUDA)
+``n_threads``   torch CPU threads (default: one fewer than the cores, at least 1)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..errors import BackendUnavailable, ContextLengthExceeded, InvalidRequest, ModelFailed
+from .base import Backend, GenerationEvent, GenerationRequest, Progress, coerce_option
+
+#: Options a load may set, with their types; anything else is refused by name.
+LOAD_OPTIONS: dict[str, type] = {
+    "device": str,
+    "dtype": str,
+    "quantize": str,
+    "gguf_file": str,
+    "n_ctx": int,
+    "max_batch": int,
+    "n_threads": int,
+    "trust_remote_code": bool,
+    "attn_implementation": str,
+}
+DEFAULT_MAX_CTX = 4096
+DTYPES = {
+    "auto": "auto",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
+QUANTIZE = {"4bit": "4bit", "4": "4bit", "int4": "4bit", "nf4": "4bit", "8bit": "8bit", "8": "8bit", "int8": "8bit"}
+EMBEDDING_TASKS = {"embed", "embedding", "embeddings", "feature-extraction", "sentence-similarity"}
+GENERATION_TASKS = {"generate", "text-generation", "chat", "completion"}
+#: The fallback chat template for tokenizers that carry none (most instruct GGUFs do carry one).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def coerce_options(options: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in (options or {}).items():
+        if value is not None or key not in LOAD_OPTIONS:
+            out[key] = coerce_option("transformers", key, value, LOAD_OPTIONS)
+    dtype = str(out.get("dtype", "auto")).lower()
+    if dtype not in DTYPES:
+        raise InvalidRequest(f"dtype {dtype!r} is not one of auto, float16, bfloat16, float32")
+    out["dtype"] = DTYPES[dtype]
+    if out.get("quantize"):
+        quantize = str(out["quantize"]).lower()
+        if quantize in ("none", "no", "off", ""):
+            out.pop("quantize")
+        elif quantize not in QUANTIZE:
+            raise InvalidRequest(f"quantize {quantize!r} is not one of 4bit, 8bit")
+        else:
+            out["quantize"] = QUANTIZE[quantize]
+    for key in ("n_ctx", "max_batch", "n_threads"):
+        if key in out and out[key] <= 0:
+            raise InvalidRequest(f"option {key} must be positive, not {out[key]}")
+    out["device"] = str(out.get("device", "auto")).lower()
+    return out
+
+
+def resolve_device(torch, wanted: str):
+    """The torch device for ``wanted``, or an error that says what is missing."""
+    if wanted == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if wanted == "cpu":
+        return torch.device("cpu")
+    if wanted == "cuda" or wanted.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise BackendUnavailable(
+                f"device={wanted!r} was asked for, but torch {torch.__version__} ({build}) sees no CUDA GPU; "
+                "load with --device cpu (or auto), or run the host where a GPU and a CUDA build of torch are"
+            )
+        index = 0 if wanted == "cuda" else wanted.split(":", 1)[1]
+        try:
+            index = int(index)
+        except ValueError:
+            raise InvalidRequest(f"device {wanted!r} is not cuda:N") from None
+        count = torch.cuda.device_count()
+        if not 0 <= index < count:
+            raise InvalidRequest(f"device {wanted!r} does not exist: this machine has {count} CUDA device(s)")
+        return torch.device(f"cuda:{index}")
+    if wanted == "mps" and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    raise InvalidRequest(f"device {wanted!r} is not one of auto, cpu, cuda, cuda:N")
+
+
+def resolve_dtype(torch, wanted: str, device, stored: str | None):
+    """float32 on CPU unless asked (half precision is slow there); 16-bit on a GPU."""
+    if wanted != "auto":
+        return getattr(torch, wanted)
+    if device.type == "cpu":
+        return torch.float32
+    if stored == "float16":
+        return torch.float16
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def model_location(path: str | None, options: dict[str, Any]) -> tuple[Path, str | None]:
+    """(folder, gguf file name or None) for a spec's path and options."""
+    if not path:
+        raise ModelFailed("the transformers backend needs a path: a Hugging Face model folder or a .gguf file")
+    location = Path(path)
+    if not location.exists():
+        raise ModelFailed(f"{path} does not exist")
+    if location.is_file():
+        if location.suffix.lower() != ".gguf":
+            raise ModelFailed(f"{path} is a file but not a .gguf; give the model's folder instead")
+        return location.parent, location.name
+    gguf = options.get("gguf_file")
+    if gguf:
+        if not (location / gguf).is_file():
+            raise ModelFailed(f"gguf_file {gguf!r} is not in {path}")
+        return location, gguf
+    if not (location / "config.json").is_file():
+        raise ModelFailed(f"{path} has no config.json: it is not a Hugging Face model folder")
+    return location, None
+
+
+def _config_json(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _check_task(task: str | None) -> None:
+    if task and task not in GENERATION_TASKS | EMBEDDING_TASKS:
+        from .tasks import TASKS
+
+        raise InvalidRequest(
+            f"unknown task {task!r} for the transformers backend; choose one of "
+            f"{', '.join(sorted(GENERATION_TASKS | EMBEDDING_TASKS | set(TASKS)))}, or none to tell from the model"
+        )
+
+
+def _positions(config: dict) -> int | None:
+    """The most positions a model's config allows, if it says."""
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = config.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _is_generative(config: dict, task: str | None, gguf: bool = False) -> bool:
+    if task in EMBEDDING_TASKS:
+        return False
+    if task in GENERATION_TASKS:
+        return True
+    _check_task(task)
+    if gguf:  # transformers reads GGUF files as causal LMs only
+        return True
+    if config.get("is_encoder_decoder"):
+        raise InvalidRequest(
+            f"{config.get('model_type')!r} is an encoder-decoder model, which this backend does not serve; "
+            "use a decoder-only (causal LM) or an encoder (embeddings) model"
+        )
+    architectures = config.get("architectures") or []
+    if architectures:
+        return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    encoders = ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "mpnet", "deberta", "deberta-v2")
+    return config.get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.get("model_type") not in encoders
+
+
+class TransformersBackend(Backend):
+    name = "transformers"
+    parallel = 8
+
+    def load(self, progress: Progress) -> None:
+        options = coerce_options(self.spec.options)
+        _check_task(self.spec.task)
+        folder, gguf_file = model_location(self.spec.path, options)
+        config = {} if gguf_file else _config_json(folder)
+        self.generative = _is_generative(config, self.spec.task, gguf=bool(gguf_file))
+        if gguf_file and not self.generative:
+            raise InvalidRequest("a GGUF file holds a generative model here; embeddings need an encoder folder")
+        if options.get("quantize") and gguf_file:
+            raise InvalidRequest(
+                "quantize does not apply to a GGUF file (it is quantized already, and transformers dequantises it); "
+                "drop --quantize, or load the GGUF with the llamacpp backend"
+            )
+        # A context the model cannot hold is refused before gigabytes are read (GGUF: after).
+        self._check_ctx(options.get("n_ctx"), _positions(config))
+        self.options = options
+        self.gguf_file = gguf_file
+        self.folder = folder
+
+        progress("importing torch and transformers", 0.02)
+        try:
+            import torch
+            import transformers
+        except ImportError as exc:
+            raise BackendUnavailable(
+                f"the transformers backend needs torch and transformers ({exc}); install torch first "
+                "(the build for your machine, e.g. `pip install torch`), then `pip install 'llm-nb[transformers]'`"
+            ) from exc
+        self.torch = torch
+        device = resolve_device(torch, options["device"])
+        if options.get("quantize"):
+            self._check_quantize(torch, device, options)
+        if device.type == "cpu":
+            # Leave a core to the host and this worker's streaming loop: when torch's
+            # intra-op threads take every core, each parallel region waits on a thread
+            # that the OS has given to someone else, and a step gets many times slower.
+            spare = max(1, min(torch.get_num_threads(), (os.cpu_count() or 2) - 1))
+            torch.set_num_threads(options.get("n_threads") or spare)
+        stored = config.get("dtype") or config.get("torch_dtype")
+        dtype = resolve_dtype(torch, options["dtype"], device, stored)
+        self.device, self.dtype = device, dtype
+
+        common: dict[str, Any] = {"local_files_only": True}
+        if options.get("trust_remote_code"):
+            common["trust_remote_code"] = True
+        if gguf_file:
+            common["gguf_file"] = gguf_file
+        progress(f"reading the tokenizer of {gguf_file or folder.name}", 0.05)
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), **common)
+        except Exception as exc:  # a folder without a usable tokenizer: say which
+            raise ModelFailed(f"transformers could not read a tokenizer from {self.spec.path}: {exc}") from exc
+        self.tokenizer_lock = threading.Lock()
+
+        kwargs = dict(common, dtype=dtype)
+        if options.get("attn_implementation"):
+            kwargs["attn_implementation"] = options["attn_implementation"]
+        if options.get("quantize"):
+            bits = options["quantize"]
+            kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+                load_in_4bit=bits == "4bit",
+                load_in_8bit=bits == "8bit",
+                bnb_4bit_compute_dtype=dtype,
+                bnb_4bit_quant_type="nf4",
+            )
+        if device.type == "cuda":
+            kwargs["device_map"] = {"": device.index or 0}  # straight onto the GPU, no CPU copy first
+        auto = transformers.AutoModelForCausalLM if self.generative else transformers.AutoModel
+        what = f"{gguf_file} (dequantising to {str(dtype).removeprefix('torch.')})" if gguf_file else folder.name
+        progress(f"reading weights of {what} onto {device}", 0.1)
+        try:
+            model = auto.from_pretrained(str(folder), **kwargs)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelFailed(f"transformers could not load {self.spec.path}: {exc}") from exc
+        except RuntimeError as exc:
+            if "out of memory" in str(exc).lower():
+                raise ModelFailed(
+                    f"{device} ran out of memory loading {self.spec.path}: {exc}; "
+                    "free memory, pick a smaller dtype or --quantize 4bit"
+                ) from exc
+            raise
+        if device.type != "cuda":
+            model = model.to(device)
+        model.eval()
+        self.model = model
+        self.model_config = model.config
+        self.max_positions = self._max_positions()
+        wanted_ctx = options.get("n_ctx")
+        self._check_ctx(wanted_ctx, self.max_positions)
+        self.n_ctx = wanted_ctx or min(self.max_positions or DEFAULT_MAX_CTX, DEFAULT_MAX_CTX)
+        self.chat_template = self._chat_template()
+
+        if self.generative:
+            from .batching import BatchEngine
+
+            self.parallel = options.get("max_batch") or (16 if device.type == "cuda" else 8)
+            self.eos_ids = self._eos_ids()
+            self.engine = BatchEngine(
+                model,
+                self.tokenizer,
+                self.tokenizer_lock,
+                device=device,
+                eos_ids=self.eos_ids,
+                max_batch=self.parallel,
+            )
+        else:
+            self.parallel = 1
+            self.engine = None
+            self.embed_lock = threading.Lock()
+        progress("ready", 1.0)
+
+    def _check_quantize(self, torch, device, options: dict[str, Any]) -> None:
+        bits = options["quantize"]
+        if device.type != "cuda":
+            if options["device"] == "auto":
+                raise BackendUnavailable(
+                    f"quantize={bits} runs through bitsandbytes on a CUDA GPU, and torch sees none here; "
+                    "load without --quantize (on CPU) or on a machine with a GPU"
+                )
+            raise InvalidRequest(
+                f"quantize={bits} needs device cuda (bitsandbytes), not {device}; drop --quantize or use --device cuda"
+            )
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise BackendUnavailable(
+                f"quantize={bits} needs bitsandbytes ({exc}); install it with `pip install bitsandbytes`"
+            ) from exc
+
+    def _check_ctx(self, wanted: int | None, positions: int | None) -> None:
+        if wanted and positions and wanted > positions:
+            raise InvalidRequest(f"n_ctx={wanted} is more than {self.spec.name!r} supports ({positions} positions)")
+
+    def _max_positions(self) -> int | None:
+        value = _positions(self.model_config.to_dict())
+        if value:
+            return value
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        return limit if isinstance(limit, int) and 0 < limit < 10**9 else None
+
+    def _chat_template(self) -> str | None:
+        fmt = self.spec.chat_format
+        if fmt:
+            if fmt == "chatml":
+                return CHATML_TEMPLATE
+            if "{%" in fmt or "{{" in fmt:
+                return fmt  # a Jinja template given whole
+            raise InvalidRequest(
+                f"chat format {fmt!r} is not known to the transformers backend: give 'chatml' or a Jinja template"
+            )
+        return None if getattr(self.tokenizer, "chat_template", None) else CHATML_TEMPLATE
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (getattr(self.model, "generation_config", None), self.model_config):
+            value = getattr(source, "eos_token_id", None) if source is not None else None
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        if self.chat_template is CHATML_TEMPLATE:  # our fallback ends turns with <|im_end|>
+            end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+            if isinstance(end, int) and end != self.tokenizer.unk_token_id:
+                ids.add(end)
+        return ids
+
+    # --- prompts -------------------------------------------------------------
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        with self.tokenizer_lock:
+            if request.kind == "chat":
+                try:
+                    text = self.tokenizer.apply_chat_template(
+                        request.messages, add_generation_prompt=True, tokenize=False, chat_template=self.chat_template
+                    )
+                except Exception as exc:  # a template that refuses the messages (e.g. roles out of order)
+                    raise InvalidRequest(f"the model's chat template rejected the messages: {exc}") from exc
+                # The template writes its own BOS where the model wants one.
+                return list(self.tokenizer.encode(text, add_special_tokens=False))
+            return list(self.tokenizer.encode(request.prompt or "", add_special_tokens=True))
+
+    def generate(self, request: GenerationRequest, cancelled: threading.Event) -> Iterator[GenerationEvent]:
+        from .base import Finished
+        from .batching import Detokenizer, Sequence
+
+        if not self.generative:
+            return super().generate(request, cancelled)
+        ids = self._prompt_ids(request)
+        if len(ids) >= self.n_ctx:
+            raise ContextLengthExceeded(
+                f"the prompt has {len(ids)} tokens but {self.spec.name!r} was loaded with a context of {self.n_ctx}; "
+                "shorten it, start a new conversation, or load the model with a larger n_ctx",
+                prompt_tokens=len(ids),
+                context_length=self.n_ctx,
+            )
+        room = self.n_ctx - len(ids)
+        max_new = room if not request.max_tokens or request.max_tokens <= 0 else min(request.max_tokens, room)
+        seq = Sequence(
+            request=request,
+            prompt_ids=ids,
+            max_new_tokens=max_new,
+            stops=list(request.stop or []),
+            cancelled=cancelled,
+            detokenizer=Detokenizer(self.tokenizer, self.tokenizer_lock),
+        )
+        return self._stream(seq, Finished)
+
+    def _stream(self, seq, finished_type) -> Iterator[GenerationEvent]:
+        self.engine.submit(seq)
+        try:
+            while True:
+                event = seq.events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if isinstance(event, finished_type):
+                    return
+        finally:
+            seq.abandoned = True  # a consumer that stops early takes its row out of the batch
+
+    def tokenize(self, text: str) -> list[int]:
+        with self.tokenizer_lock:
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    # --- embeddings ------------------------------------------------------------
+    def embed(self, inputs: list[str]) -> tuple[list[list[float]], int]:
+        if self.generative:
+            return super().embed(inputs)
+        torch = self.torch
+        limit = self.max_positions or self.n_ctx
+        vectors: list[list[float]] = []
+        total = 0
+        with self.embed_lock, torch.inference_mode():
+            for start in range(0, len(inputs), 32):
+                chunk = [str(text) for text in inputs[start : start + 32]]
+                with self.tokenizer_lock:
+                    encoded = self.tokenizer(chunk, padding=True, truncation=False, return_tensors="pt")
+                lengths = encoded["attention_mask"].sum(dim=1)
+                longest = int(lengths.max()) if len(chunk) else 0
+                if longest > limit:
+                    index = int(lengths.argmax()) + start
+                    raise ContextLengthExceeded(
+                        f"input {index} has {longest} tokens but {self.spec.name!r} takes at most {limit}; "
+                        "split the text into smaller pieces",
+                        prompt_tokens=longest,
+                        context_length=limit,
+                    )
+                encoded = {k: v.to(self.device) for k, v in encoded.items()}
+                hidden = self.model(**encoded).last_hidden_state.float()
+                mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+                vectors.extend(pooled.cpu().tolist())
+                total += int(lengths.sum())
+        return vectors, total
+
+    def classify(self, inputs: list[str], parameters: dict[str, Any]) -> dict[str, Any]:
+        if self.generative:
+            return super().classify(inputs, parameters)
+        raise InvalidRequest(
+            f"model {self.spec.name!r} makes embeddings: use POST /v1/embeddings; "
+            "for /v2 infer load a classifier with --task text-classification"
+        )
+
+    # --- status ------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        config = self.model_config
+        architectures = getattr(config, "architectures", None) or [getattr(config, "model_type", "?")]
+        info: dict[str, Any] = {
+            "backend": self.name,
+            "task": "generate" if self.generative else "embed",
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "quantize": self.options.get("quantize"),
+            "parallel": self.parallel,
+            "n_ctx": self.n_ctx,
+            "architecture": architectures[0],
+            "n_params": sum(p.numel() for p in self.model.parameters()),
+            "chat_format": "tokenizer" if self.chat_template is None else "chatml",
+            "gguf_file": self.gguf_file,
+            "torch": self.torch.__version__,
+            "n_threads": self.torch.get_num_threads() if self.device.type == "cpu" else None,
+        }
+        if self.engine is not None:
+            info["batch"] = self.engine.stats()
+        if self.device.type == "cuda":
+            cuda = self.torch.cuda
+            info["gpu_name"] = cuda.get_device_name(self.device)
+            info["gpu_allocated_bytes"] = int(cuda.memory_allocated(self.device))
+            info["gpu_reserved_bytes"] = int(cuda.memory_reserved(self.device))
+            info["gpu_bytes"] = info["gpu_reserved_bytes"]
+        return info
+
+    def close(self) -> None:
+        if getattr(self, "engine", None) is not None:
+            self.engine.stop()
