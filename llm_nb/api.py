@@ -1,0 +1,472 @@
+"""The Python API: the magics' verbs for scripts and notebooks.
+
+    import llm_nb
+    llm_nb.load()                       # load the default model, or attach to it
+    llm_nb.chat("Say hi in French")     # the reply's text; the conversation goes on
+    for piece in llm_nb.chat("and in German?", stream=True):
+        print(piece, end="")
+    llm_nb.history()                    # the messages so far
+    llm_nb.status()                     # what the host holds, for whom
+    llm_nb.unload()
+
+A ``Session`` is one process's view of the host: one ``Client`` (made on first
+use, so importing costs nothing), the conversation per model, and the model in
+use. The module-level functions and the magics share one default session, so
+``%%llm_chat`` and ``llm_nb.chat`` continue the same conversation.
+
+Two things a bare ``Client`` does not do, done here for every caller:
+
+- a chat with a model that is not loaded (or a host that restarted and lost it)
+  loads it first, with a lease, and then asks again;
+- a host that is gone (killed, machine slept) is found again or restarted once
+  before the chat is sent: the client's own retry does not cover streaming
+  requests, which it never resends.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from .config import DEFAULT_MODEL, format_bytes
+from .errors import HostUnavailable, InvalidRequest, ModelLoading, ModelNotFound
+
+if TYPE_CHECKING:  # the client pulls in requests; keep ``import llm_nb`` light
+    from .client import ChatStream, Client
+
+__all__ = [
+    "ChatReply",
+    "LoadResult",
+    "Session",
+    "Status",
+    "chat",
+    "default_session",
+    "history",
+    "load",
+    "panel",
+    "status",
+    "unload",
+]
+
+
+def parse_options(pairs: list[str] | None) -> dict[str, Any]:
+    """``["n_threads=4", "flash_attn=true"]`` -> ``{"n_threads": 4, "flash_attn": True}`` (JSON values, else text)."""
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InvalidRequest(f"--option takes KEY=VALUE, not {pair!r}; e.g. --option n_threads=4")
+        try:
+            options[key.strip()] = json.loads(value)
+        except ValueError:
+            options[key.strip()] = value
+    return options
+
+
+class LoadResult(dict):
+    """The host's answer to a load: ``model`` (its status), ``attached``, ``lease``, ``other_holders``, ``seconds``."""
+
+    @property
+    def summary(self) -> str:
+        model = self["model"]
+        parts = [model["name"], model["backend"], model.get("device") or "?", format_bytes(model.get("memory_bytes"))]
+        if not self.get("attached") and self.get("round_trip_s") is not None:
+            parts.append(f"loaded in {self['round_trip_s']:.2f} s")  # what the caller waited, worker start included
+        elif model.get("load_seconds") is not None:
+            parts.append(f"loaded in {model['load_seconds']:.2f} s")
+        line = " · ".join(parts)
+        if self.get("attached"):
+            n = len(self.get("other_holders") or [])
+            took = self.get("round_trip_s", self["seconds"]) * 1000
+            line += f" · attached in {took:.0f} ms: " + (
+                f"already loaded for {n} other notebook{'s' * (n != 1)}"
+                if n
+                else "already loaded; no other notebook holds it"
+            )
+        return line
+
+    def __str__(self) -> str:
+        return self.summary
+
+    def _repr_pretty_(self, p, cycle) -> None:
+        p.text(self.summary)
+
+
+class Status(dict):
+    """The host's status (``/api/status``), shown as a table."""
+
+    def to_text(self) -> str:
+        from .cli import format_status
+
+        return format_status(self)
+
+    def to_markdown(self) -> str:
+        rows = ["| model | backend | device | state | memory | held by | in flight | until |", "|---" * 8 + "|"]
+        for m in self.get("models", []):
+            holders = ", ".join(_md_cell(lease["name"]) for lease in m["leases"]) or "—"
+            if m.get("expires_at"):
+                until = datetime.fromtimestamp(m["expires_at"]).strftime("%H:%M:%S")
+            else:
+                until = "forever" if m.get("keep_alive", 0) < 0 and not m["leases"] else "—"
+            rows.append(
+                f"| {_md_cell(m['name'])} | {m['backend']} | {m.get('device') or '—'} | {m['state']} | "
+                f"{format_bytes(m['memory_bytes'])} | {holders} | {m['in_flight']} | {until} |"
+            )
+        if not self.get("models"):
+            rows = ["*no models loaded*"]
+        used, budget = self.get("used_bytes", 0), self.get("budget_bytes") or 1
+        rows.append("")
+        rows.append(
+            f"budget: **{format_bytes(used)}** of {format_bytes(budget)} {str(self.get('budget_kind', 'ram')).upper()} "
+            f"({100 * used / budget:.0f} %) · host pid {self.get('pid')} at {self.get('url')}"
+        )
+        for m in self.get("models", []):
+            if m.get("failure"):
+                rows.append(f"\n**{_md_cell(m['name'])} failed:** {_md_cell(m['failure'])}")
+        return "\n".join(rows)
+
+    def _repr_markdown_(self) -> str:
+        return self.to_markdown()
+
+    def _repr_pretty_(self, p, cycle) -> None:
+        p.text(self.to_text())
+
+    def model(self, name: str) -> dict | None:
+        return next((m for m in self.get("models", []) if m["name"] == name), None)
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+class ChatReply:
+    """A reply as it streams: iterate for text chunks.
+
+    However it ends (finished, interrupted, or closed early) the user's message
+    and the reply so far go into the conversation; ``interrupted`` says which.
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        model: str,
+        stream: ChatStream,
+        user_message: dict,
+        keep: bool,
+    ):
+        self.session = session
+        self.model = model
+        self._stream = stream
+        self._user_message = user_message
+        self._keep = keep
+        self._recorded = False
+        self._iterator: Iterator[str] | None = None
+        self.finished = False
+        self.interrupted = False
+        self.error: BaseException | None = None
+
+    # --- reading ---------------------------------------------------------------
+    def __iter__(self) -> Iterator[str]:
+        if self._iterator is None:
+            self._iterator = self._run()
+        return self._iterator
+
+    def _run(self) -> Iterator[str]:
+        try:
+            yield from self._stream
+            self.finished = True
+        except (KeyboardInterrupt, GeneratorExit):
+            self.interrupted = True
+            raise
+        except BaseException as exc:
+            self.error = exc
+            raise
+        finally:
+            self._stream.close()  # the host cancels at its next token
+            self._record()
+
+    def close(self) -> None:
+        """Stop the generation on the host; what came so far stays in the conversation."""
+        if self._iterator is not None:
+            self._iterator.close()
+        if not self.finished:
+            self.interrupted = True
+        self._stream.close()
+        self._record()
+
+    def read(self) -> str:
+        for _ in self:
+            pass
+        return self.text
+
+    def _record(self) -> None:
+        if self._recorded or not self._keep:
+            return
+        self._recorded = True
+        if self.error is not None and not self.text:
+            return  # nothing was said: a failed request leaves the conversation as it was
+        self.session._append(self.model, self._user_message, {"role": "assistant", "content": self.text})
+
+    # --- what came back ----------------------------------------------------------
+    @property
+    def text(self) -> str:
+        return self._stream.text
+
+    @property
+    def usage(self) -> dict | None:
+        return self._stream.usage
+
+    @property
+    def first_token_s(self) -> float | None:
+        return self._stream.first_token_s
+
+    @property
+    def elapsed_s(self) -> float:
+        return (
+            self._stream.elapsed_s if self._stream.elapsed_s is not None else time.perf_counter() - self._stream.started
+        )
+
+    @property
+    def tokens(self) -> int:
+        """Generated tokens: the host's count, or the chunks seen when the reply was cut short."""
+        if self.usage and self.usage.get("completion_tokens") is not None:
+            return int(self.usage["completion_tokens"])
+        return len(self._stream.parts)
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Decode speed: tokens after the first over the time after the first."""
+        if self.first_token_s is None or self.tokens < 2:
+            return None
+        decode = self.elapsed_s - self.first_token_s
+        return (self.tokens - 1) / decode if decode > 0 else None
+
+    def footer(self) -> str:
+        parts = [f"{self.tokens} token{'s' * (self.tokens != 1)}"]
+        if self.first_token_s is not None:
+            parts.append(f"first token {self.first_token_s:.2f} s")
+        if self.tokens_per_s is not None:
+            parts.append(f"{self.tokens_per_s:.1f} tokens/s")
+        parts.append(self.model)
+        if self.interrupted:
+            parts.append("interrupted: stopped on the host, partial reply kept")
+        return " · ".join(parts)
+
+
+class Session:
+    """One process's link to the host: a client, conversations per model, the model in use."""
+
+    def __init__(self, connection: str | None = None):
+        self.connection = connection
+        self._client: Client | None = None
+        self._lock = threading.RLock()
+        self.conversations: dict[str, list[dict]] = {}
+        self.model: str | None = None  # the model last loaded or chatted with
+        # Models this session holds a lease on, with the pid of the host that gave it: a model
+        # that vanishes from that same host was unloaded on purpose (force, the panel) and is
+        # not silently loaded again; one lost with a host that died is.
+        self.held: dict[str, int] = {}
+
+    @property
+    def client(self) -> Client:
+        with self._lock:
+            if self._client is None:
+                from .client import Client
+
+                self._client = Client(self.connection)
+            return self._client
+
+    def current_model(self, model: str | None = None) -> str:
+        return model or self.model or DEFAULT_MODEL
+
+    # --- verbs -------------------------------------------------------------------
+    def load(
+        self,
+        model: str | None = None,
+        *,
+        name: str | None = None,
+        backend: str | None = None,
+        device: str | None = None,
+        ctx: int | None = None,
+        keep_alive: float | str | None = None,
+        options: dict[str, Any] | None = None,
+        on_progress: Callable[[dict], None] | None = None,
+        **fields: Any,
+    ) -> LoadResult:
+        """Load ``model`` (default smollm2) or attach to it; this process holds a lease until ``unload``."""
+        options = dict(options or {})
+        if device:
+            options["device"] = device
+        if ctx:
+            options["n_ctx"] = int(ctx)
+        started = time.perf_counter()
+        result = LoadResult(
+            self.client.load(
+                model or DEFAULT_MODEL,
+                name=name,
+                backend=backend,
+                options=options or None,
+                keep_alive=keep_alive,
+                on_progress=on_progress,
+                **fields,
+            )
+        )
+        result["round_trip_s"] = time.perf_counter() - started  # what the caller waited, HTTP included
+        self.model = result["model"]["name"]
+        self.held[self.model] = self.client.host_info()["pid"]
+        return result
+
+    def stream(
+        self,
+        prompt: str,
+        model: str | None = None,
+        *,
+        system: str | None = None,
+        new: bool = False,
+        keep: bool = True,
+        on_progress: Callable[[dict], None] | None = None,
+        **params: Any,
+    ) -> ChatReply:
+        """Send ``prompt`` in the model's conversation and return the reply as it streams.
+
+        ``new`` starts the conversation over; ``system`` sets its system message;
+        ``keep=False`` sends the prompt alone and leaves the conversation as it is.
+        ``params`` go to the host as they are (max_tokens, temperature, seed, stop, ...).
+        """
+        model = self.current_model(model)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InvalidRequest("the message is empty: write what to ask the model")
+        if new:
+            self.clear(model)
+        messages = list(self.conversations.get(model, [])) if keep else []
+        if system is not None:
+            messages = [m for m in messages if m["role"] != "system"]
+            messages.insert(0, {"role": "system", "content": system})
+            if keep:
+                with self._lock:
+                    conversation = self.conversations.setdefault(model, [])
+                    conversation[:] = [m for m in conversation if m["role"] != "system"]
+                    conversation.insert(0, {"role": "system", "content": system})
+        user = {"role": "user", "content": prompt}
+        body = {"model": model, "messages": [*messages, user]}
+        body.update({k: v for k, v in params.items() if v is not None})
+        stream = self._open(body, on_progress)
+        self.model = model
+        return ChatReply(self, model, stream, user, keep)
+
+    def chat(
+        self, prompt: str, model: str | None = None, *, stream: bool = False, **kwargs: Any
+    ) -> str | Iterator[str]:
+        """The reply's text; with ``stream=True`` an iterator of chunks (closing it stops the generation)."""
+        reply = self.stream(prompt, model, **kwargs)
+        return iter(reply) if stream else reply.read()
+
+    def unload(self, model: str | None = None, *, all: bool = False, force: bool = False) -> dict:
+        """Give up this process's lease (``force``: free the model for everyone).
+
+        A model nobody holds stays warm for its keep-alive, then goes.
+        """
+        if not all:
+            model = self.current_model(model)
+        result = self.client.unload(None if all else model, all=all, force=force)
+        if all:
+            self.held.clear()
+        else:
+            self.held.pop(model, None)
+        if all or model == self.model:
+            self.model = None
+        return result
+
+    def status(self) -> Status:
+        return Status(self.client.status())
+
+    def history(self, model: str | None = None, *, clear: bool = False) -> list[dict]:
+        """The conversation with ``model`` (a copy); ``clear=True`` forgets it (every model's if none is named)."""
+        with self._lock:
+            if clear:
+                if model is None:
+                    self.conversations.clear()
+                else:
+                    self.conversations.pop(model, None)
+                return []
+            return [dict(m) for m in self.conversations.get(self.current_model(model), [])]
+
+    def clear(self, model: str) -> None:
+        with self._lock:
+            self.conversations.pop(model, None)
+
+    # --- plumbing ------------------------------------------------------------------
+    def _append(self, model: str, *messages: dict) -> None:
+        with self._lock:
+            self.conversations.setdefault(model, []).extend(messages)
+
+    def _open(self, body: dict, on_progress: Callable[[dict], None] | None) -> ChatStream:
+        """Open the stream; load the model or find the host again once each when that is what is missing."""
+        client = self.client
+        reconnected = loaded = False
+        while True:
+            try:
+                return client.chat_stream(body)
+            except HostUnavailable:
+                if reconnected:
+                    raise
+                reconnected = True
+                client.host_info(refresh=True)  # finds the host that took over, or starts one
+            except (ModelNotFound, ModelLoading) as exc:
+                name = body["model"]
+                if isinstance(exc, ModelNotFound) and self.held.get(name) == client.host_info()["pid"]:
+                    del self.held[name]
+                    raise ModelNotFound(
+                        f"{name} was unloaded from the host while this notebook held it (force-unloaded from the LLM "
+                        f"panel or by another client); run `%llm_load {name}` to load it again"
+                    ) from None
+                if loaded:
+                    raise
+                loaded = True
+                self.load(name, on_progress=on_progress)
+
+
+_default: Session | None = None
+_default_lock = threading.Lock()
+
+
+def default_session() -> Session:
+    """The session the magics, the panel and the module-level functions share."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Session()
+        return _default
+
+
+def load(model: str | None = None, **kwargs: Any) -> LoadResult:
+    """Load ``model`` (default smollm2) or attach to it. See ``Session.load``."""
+    return default_session().load(model, **kwargs)
+
+
+def chat(prompt: str, model: str | None = None, *, stream: bool = False, **kwargs: Any) -> str | Iterator[str]:
+    """Ask ``model`` (default: the one in use, else smollm2), loading it if needed. See ``Session.stream``."""
+    return default_session().chat(prompt, model, stream=stream, **kwargs)
+
+
+def unload(model: str | None = None, *, all: bool = False, force: bool = False) -> dict:
+    return default_session().unload(model, all=all, force=force)
+
+
+def status() -> Status:
+    return default_session().status()
+
+
+def history(model: str | None = None, *, clear: bool = False) -> list[dict]:
+    return default_session().history(model, clear=clear)
+
+
+def panel(**kwargs: Any):
+    """The ipywidgets panel: live status, memory bar, load/unload, a small chat box."""
+    from .widgets import Panel
+
+    return Panel(default_session(), **kwargs)

@@ -1,0 +1,264 @@
+"""The ipywidgets panel (``%llm_panel``, ``llm_nb.panel()``) for any front end: Lab, classic, VS Code.
+
+Live status (a background thread polls the host and stops when the panel is
+closed), a memory bar against the host's budget, load and unload controls, and a
+small chat box that streams into the same conversation as ``%%llm_chat``.
+
+Long calls (a load, a reply) run on a thread of their own, so the kernel keeps
+answering while they run. One panel per kernel polls: showing a new one closes
+the ones before it, so a re-run cell does not leave a poller behind.
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+import time
+import weakref
+from datetime import datetime
+
+import ipywidgets as w
+
+from .api import ChatReply, Session, Status
+from .config import DEFAULT_MODEL, format_bytes
+from .errors import LlmNbError
+
+_live_panels: weakref.WeakSet[Panel] = weakref.WeakSet()
+
+
+def _one_line(exc: BaseException) -> str:
+    return " | ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+
+
+class Panel(w.VBox):
+    """The llm-nb panel. ``close()`` (or its Close button) stops its polling."""
+
+    def __init__(self, session: Session, interval: float = 2.0, chat_refresh: float = 0.15, **kwargs):
+        self.session = session
+        self.interval = interval
+        self.chat_refresh = chat_refresh
+        self.polls = 0
+        self.last_status: Status | None = None
+        self._stop = threading.Event()
+        self._chat_stop = threading.Event()
+        self._reply: ChatReply | None = None
+        self._poll_client = None
+
+        self.header = w.HTML("<b>llm-nb</b> · connecting…")
+        self.memory = w.FloatProgress(value=0, min=0, max=1, description="memory", bar_style="success")
+        self.memory_label = w.Label("")
+        self.models = w.HTML("")
+        self.model_box = w.Combobox(
+            value=session.model or DEFAULT_MODEL,
+            options=[DEFAULT_MODEL],
+            placeholder="alias or path",
+            description="model",
+            ensure_option=False,
+        )
+        self.load_button = w.Button(description="Load", icon="play", tooltip="load the model, or attach to it")
+        self.unload_button = w.Button(description="Unload", icon="stop", tooltip="give up this notebook's lease")
+        self.force = w.Checkbox(value=False, description="force (for everyone)", indent=False)
+        self.close_button = w.Button(description="Close", icon="times", tooltip="close the panel and stop polling")
+        self.message = w.HTML("")
+        self.prompt = w.Textarea(placeholder="Ask the model… (the conversation is shared with %%llm_chat)", rows=3)
+        self.send_button = w.Button(description="Send", button_style="primary", icon="paper-plane")
+        self.stop_button = w.Button(description="Stop", icon="stop", disabled=True, tooltip="stop the reply")
+        self.new_chat = w.Checkbox(value=False, description="new conversation", indent=False)
+        self.reply = w.HTML("")
+        self.footer = w.HTML("")
+
+        self.load_button.on_click(lambda _: self._in_thread(self._load))
+        self.unload_button.on_click(lambda _: self._in_thread(self._unload))
+        self.send_button.on_click(lambda _: self._in_thread(self._chat))
+        self.stop_button.on_click(lambda _: self._chat_stop.set())
+        self.close_button.on_click(lambda _: self.close())
+
+        super().__init__(
+            [
+                self.header,
+                w.HBox([self.memory, self.memory_label]),
+                self.models,
+                w.HBox([self.model_box, self.load_button, self.unload_button, self.force, self.close_button]),
+                self.message,
+                self.prompt,
+                w.HBox([self.send_button, self.stop_button, self.new_chat]),
+                self.reply,
+                self.footer,
+            ],
+            **kwargs,
+        )
+        for other in list(_live_panels):
+            other.close()
+        _live_panels.add(self)
+        self._poller = threading.Thread(target=self._poll_forever, name="llm-nb-panel", daemon=True)
+        self._poller.start()
+
+    # --- lifecycle -------------------------------------------------------------------
+    @property
+    def polling(self) -> bool:
+        return self._poller.is_alive()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._chat_stop.set()
+        _live_panels.discard(self)
+        for child in self.children:
+            for grandchild in getattr(child, "children", ()):
+                grandchild.close()
+            child.close()
+        super().close()
+
+    def _in_thread(self, target) -> None:
+        threading.Thread(target=self._guard(target), daemon=True).start()
+
+    def _guard(self, target):
+        def run() -> None:
+            try:
+                target()
+            except LlmNbError as exc:
+                self._say(_one_line(exc), error=True)
+            except Exception as exc:  # a panel thread must report, never die silently
+                self._say(f"{type(exc).__name__}: {exc}", error=True)
+
+        return run
+
+    def _say(self, text: str, error: bool = False) -> None:
+        color = "var(--jp-error-color1, #c00)" if error else "inherit"
+        self.message.value = f'<span style="color:{color}">{html.escape(text)}</span>'
+
+    # --- status ------------------------------------------------------------------------
+    def _poll_forever(self) -> None:
+        from .client import Client
+
+        # Its own client: status polls never share a connection with the user's calls, and never
+        # start a host (a panel watching should not bring back a host that was stopped).
+        self._poll_client = Client(self.session.connection, autostart=False, timeout=10)
+        try:
+            self.model_box.options = sorted({DEFAULT_MODEL, *self._poll_client.catalog()})
+        except (LlmNbError, OSError):
+            pass
+        wait = 0.0
+        while not self._stop.wait(wait):
+            try:
+                self.refresh()
+                wait = self.interval
+            except LlmNbError as exc:
+                self.header.value = f"<b>llm-nb</b> · host not reachable: {html.escape(_one_line(exc))}"
+                wait = min(max(wait * 2, self.interval), 30.0)  # back off while the host is away
+
+    def refresh(self) -> Status:
+        """Ask the host now and redraw."""
+        client = self._poll_client
+        if client is None:
+            from .client import Client
+
+            client = self._poll_client = Client(self.session.connection, autostart=False, timeout=10)
+        status = Status(client.status())
+        self.polls += 1
+        self.last_status = status
+        self._render(status)
+        return status
+
+    def _render(self, status: Status) -> None:
+        used, budget = status.get("used_bytes", 0), max(status.get("budget_bytes") or 1, 1)
+        fraction = used / budget
+        self.memory.max = budget
+        self.memory.value = min(used, budget)
+        self.memory.bar_style = "success" if fraction < 0.7 else "warning" if fraction < 0.9 else "danger"
+        kind = str(status.get("budget_kind", "ram")).upper()
+        self.memory_label.value = f"{format_bytes(used)} of {format_bytes(budget)} {kind} ({100 * fraction:.0f} %)"
+        uptime = status.get("uptime") or 0
+        self.header.value = (
+            f"<b>llm-nb</b> · host pid {status.get('pid')} at {html.escape(str(status.get('url')))}"
+            f" · up {uptime / 60:.0f} min · {datetime.now():%H:%M:%S}"
+        )
+        me = self.session.client.identity["id"]
+        rows = []
+        for m in status.get("models", []):
+            holders = ", ".join(
+                ("<b>this notebook</b>" if lease["client"] == me else html.escape(lease["name"]))
+                for lease in m["leases"]
+            )
+            state = html.escape(m["state"])
+            if m.get("progress") and m["progress"].get("message"):
+                state += f" ({html.escape(str(m['progress']['message']))})"
+            rows.append(
+                f"<tr><td>{html.escape(m['name'])}</td><td>{html.escape(m['backend'])}</td>"
+                f"<td>{html.escape(str(m.get('device') or '—'))}</td><td>{state}</td>"
+                f"<td>{format_bytes(m['memory_bytes'])}</td><td>{holders or '—'}</td><td>{m['in_flight']}</td></tr>"
+            )
+        if rows:
+            self.models.value = (
+                "<table><tr><th>model</th><th>backend</th><th>device</th><th>state</th><th>memory</th>"
+                "<th>held by</th><th>in flight</th></tr>" + "".join(rows) + "</table>"
+            )
+        else:
+            self.models.value = "<i>no models loaded</i>"
+
+    # --- actions -------------------------------------------------------------------------
+    def _selected(self) -> str:
+        return (self.model_box.value or "").strip() or DEFAULT_MODEL
+
+    def _load(self) -> None:
+        model = self._selected()
+        self.load_button.disabled = True
+        self._say(f"loading {model}…")
+        started = time.monotonic()
+
+        def progress(event: dict) -> None:
+            self._say(f"loading {model}: {event.get('message') or ''} ({time.monotonic() - started:.0f} s)")
+
+        try:
+            result = self.session.load(model, on_progress=progress)
+            self._say(result.summary)
+        finally:
+            self.load_button.disabled = False
+        self._refresh_quietly()
+
+    def _unload(self) -> None:
+        model = self._selected()
+        result = self.session.unload(model, force=self.force.value)
+        if result.get("unloaded"):
+            self._say(f"{model}: unloaded, memory freed")
+        else:
+            self._say(f"{model}: released; {result.get('remaining_leases', 0)} other holders")
+        self._refresh_quietly()
+
+    def _refresh_quietly(self) -> None:
+        try:
+            self.refresh()
+        except LlmNbError:
+            pass
+
+    def _chat(self) -> None:
+        prompt = self.prompt.value
+        if not prompt.strip():
+            self._say("write a message first", error=True)
+            return
+        self._chat_stop.clear()
+        self.send_button.disabled = True
+        self.stop_button.disabled = False
+        self.reply.value = "<i>waiting for the first token…</i>"
+        self.footer.value = ""
+        try:
+            reply = self._reply = self.session.stream(prompt, self._selected(), new=self.new_chat.value)
+            self.new_chat.value = False
+            last = 0.0
+            for _ in reply:
+                if self._chat_stop.is_set():
+                    break
+                now = time.monotonic()
+                if now - last >= self.chat_refresh:  # a steady refresh, not one message per token
+                    last = now
+                    self._show_reply(reply.text + " ▌")
+            reply.close()  # stops the generation on the host if the loop was broken off
+            self._show_reply(reply.text)
+            self.footer.value = f"<small>{html.escape(reply.footer())}</small>"
+            self.prompt.value = ""
+        finally:
+            self.send_button.disabled = False
+            self.stop_button.disabled = True
+            self._reply = None
+
+    def _show_reply(self, text: str) -> None:
+        self.reply.value = f'<div style="white-space: pre-wrap">{html.escape(text)}</div>'
