@@ -1,0 +1,247 @@
+/**
+ * Calls to the server extension under `<base>/llm-nb/api/`.
+ *
+ * Everything goes through `ServerConnection.makeRequest`, which adds the
+ * token and the XSRF header; the host's own key never reaches the browser.
+ */
+import { URLExt } from '@jupyterlab/coreutils';
+import { ServerConnection } from '@jupyterlab/services';
+
+/** One client's hold on a model: a notebook (its path), the panel, a script. */
+export interface ILease {
+  client: string;
+  name: string;
+  /** The name to show: a notebook's path relative to the server's root. */
+  display: string;
+  since: number;
+}
+
+export type ModelState = 'loading' | 'ready' | 'idle' | 'unloading' | 'failed';
+
+export interface IModelStatus {
+  name: string;
+  backend: string;
+  device: string | null;
+  state: ModelState;
+  memory_bytes: number;
+  rss_bytes: number;
+  gpu_bytes: number;
+  estimate_bytes: number;
+  leases: ILease[];
+  in_flight: number;
+  waiting: number;
+  requests_served: number;
+  loaded_at: number | null;
+  load_seconds: number | null;
+  keep_alive: number;
+  expires_at: number | null;
+  path: string | null;
+  progress: { [key: string]: unknown } | null;
+  failure: string | null;
+  info: { [key: string]: unknown };
+}
+
+export type HostState =
+  'stopped' | 'starting' | 'running' | 'restarting' | 'failed' | 'stopping';
+
+export interface IHostExit {
+  code: number | null;
+  pid: number | null;
+  reason: string;
+  at: number;
+  log_tail: string;
+}
+
+export interface IHostStatus {
+  state: HostState;
+  pid: number | null;
+  started_at: number | null;
+  adopted: boolean;
+  restarts: number;
+  last_exit: IHostExit | null;
+  error: string | null;
+  log_file: string;
+}
+
+/** What the panel shows; the server sends a new one after every change. */
+export interface ISnapshot {
+  server: { version: string; start_policy: string };
+  host: IHostStatus;
+  models: IModelStatus[];
+  budget_bytes: number | null;
+  budget_kind: 'gpu' | 'ram' | null;
+  used_bytes: number | null;
+  version: number;
+}
+
+export interface ICatalogEntry {
+  backend?: string;
+  path?: string;
+  description?: string;
+  options?: { [key: string]: unknown };
+}
+
+export interface ILoadRequest {
+  model: string;
+  backend?: string;
+  options?: { [key: string]: unknown };
+  keep_alive?: string;
+  name?: string;
+}
+
+export interface IChatMessage {
+  role: 'system' | 'user' | 'assistant';
+  content: string;
+}
+
+/** An error from the server extension or the host, with the host's stable `code`. */
+export class LlmNbError extends Error {
+  constructor(
+    message: string,
+    readonly code: string,
+    readonly status: number,
+    readonly details: { [key: string]: unknown } = {}
+  ) {
+    super(message);
+    this.name = 'LlmNbError';
+  }
+}
+
+const settings = ServerConnection.makeSettings();
+
+function url(endPoint: string): string {
+  return URLExt.join(settings.baseUrl, 'llm-nb', 'api', endPoint);
+}
+
+async function errorFrom(response: Response): Promise<LlmNbError> {
+  const text = await response.text();
+  let body: any = null;
+  try {
+    body = JSON.parse(text);
+  } catch {
+    // not JSON: a proxy's page, say
+  }
+  const error = body?.error ?? body ?? {};
+  const message =
+    error.message ||
+    text.slice(0, 300) ||
+    `${response.status} ${response.statusText}`;
+  const { code, ...details } = error;
+  return new LlmNbError(
+    message,
+    typeof code === 'string' ? code : 'http_error',
+    response.status,
+    details
+  );
+}
+
+/** A raw response (for streams); throws `LlmNbError` on an error status. */
+export async function requestRaw(
+  endPoint: string,
+  init: RequestInit = {}
+): Promise<Response> {
+  let response: Response;
+  try {
+    response = await ServerConnection.makeRequest(
+      url(endPoint),
+      init,
+      settings
+    );
+  } catch (error) {
+    throw new ServerConnection.NetworkError(error as TypeError);
+  }
+  if (!response.ok) {
+    throw await errorFrom(response);
+  }
+  return response;
+}
+
+/** A JSON call to the server extension. */
+export async function requestAPI<T>(
+  endPoint: string,
+  init: RequestInit = {}
+): Promise<T> {
+  const response = await requestRaw(endPoint, init);
+  return (await response.json()) as T;
+}
+
+export function postJSON<T>(endPoint: string, body: unknown): Promise<T> {
+  return requestAPI<T>(endPoint, {
+    method: 'POST',
+    body: JSON.stringify(body)
+  });
+}
+
+/** Server-sent events from a streamed response body, one `{event, data}` at a time. */
+export async function* readServerSentEvents(
+  response: Response
+): AsyncGenerator<{ event: string; data: string }> {
+  if (!response.body) {
+    throw new Error('this browser cannot read a streamed response');
+  }
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = '';
+  let event = 'message';
+  let data: string[] = [];
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) {
+        return;
+      }
+      buffer += decoder.decode(value, { stream: true });
+      let newline: number;
+      while ((newline = buffer.indexOf('\n')) >= 0) {
+        const line = buffer.slice(0, newline).replace(/\r$/, '');
+        buffer = buffer.slice(newline + 1);
+        if (line === '') {
+          if (data.length) {
+            yield { event, data: data.join('\n') };
+          }
+          event = 'message';
+          data = [];
+        } else if (line.startsWith('data:')) {
+          data.push(line.slice(5).trimStart());
+        } else if (line.startsWith('event:')) {
+          event = line.slice(6).trim();
+        }
+      }
+    }
+  } finally {
+    reader.releaseLock();
+  }
+}
+
+/** The chat reply, piece by piece; aborting `signal` cancels the generation on the host. */
+export async function* streamChat(
+  model: string,
+  messages: IChatMessage[],
+  params: { max_tokens?: number; temperature?: number },
+  signal: AbortSignal
+): AsyncGenerator<string> {
+  const response = await requestRaw('chat', {
+    method: 'POST',
+    body: JSON.stringify({ model, messages, ...params }),
+    signal
+  });
+  for await (const { data } of readServerSentEvents(response)) {
+    if (data === '[DONE]') {
+      return;
+    }
+    const chunk = JSON.parse(data);
+    if (chunk.error) {
+      throw new LlmNbError(
+        chunk.error.message,
+        chunk.error.code ?? 'stream_error',
+        500
+      );
+    }
+    for (const choice of chunk.choices ?? []) {
+      const piece = choice.delta?.content;
+      if (piece) {
+        yield piece;
+      }
+    }
+  }
+}

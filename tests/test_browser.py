@@ -1,0 +1,230 @@
+"""The LLM side panel in a real browser: Debian's chromium, driven by Playwright, on a real ``jupyter lab``.
+
+A notebook loads a model with the magics; the panel shows it with that
+notebook as holder; the playground streams a reply; a force-unload from the
+panel (after its confirmation) makes the notebook's next ``%%llm_chat`` say
+that the model is gone. Screenshots of the panel go to ``.artifacts/``.
+
+Needs ``apt-get install chromium`` and ``pip install playwright`` (never
+``playwright install``: the browser is Debian's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from .jupyter_servers import RunningJupyter, start_jupyter, wait_until, write_notebook
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
+
+CHROMIUM = Path(os.environ.get("LLM_NB_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parent.parent / ".artifacts"
+MODEL_S = 120_000  # ms: loading on a busy 2-core machine
+UI_S = 30_000
+
+
+def _missing(reason: str) -> None:
+    # On CI a missing browser is a broken install, not a reason to skip.
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory) -> RunningJupyter:
+    tmp = tmp_path_factory.mktemp("lab")
+    # No "would you like news?" toast over the panel.
+    settings = tmp / "lab-settings" / "@jupyterlab" / "apputils-extension"
+    settings.mkdir(parents=True)
+    (settings / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false"}))
+    server = start_jupyter(tmp, "lab", "--LabApp.expose_app_in_browser=True")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        _missing(f"no chromium at {CHROMIUM}: apt-get install -y chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _missing("playwright is not installed: pip install playwright")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def open_notebook(browser, lab: RunningJupyter, name: str):
+    write_notebook(lab.root / name)
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.set_default_timeout(UI_S)
+    page.goto(f"{lab.url}/lab/tree/{name}?token={lab.token}")
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=MODEL_S)
+    return page
+
+
+def run_cell(page, source: str, index: int) -> str:
+    """Type ``source`` into cell ``index`` (adding it if needed), run it, and return its output text."""
+    cells = page.locator(".jp-Notebook .jp-Cell")
+    if cells.count() <= index:
+        page.locator(".jp-Notebook").click()
+        page.keyboard.press("Escape")
+        page.keyboard.press("b")  # insert a cell below, as a person would
+        cells.nth(index).wait_for()
+    cells.nth(index).locator(".cm-content").click()
+    page.keyboard.type(source)  # key by key: CodeMirror must see the edit before the cell runs
+    page.keyboard.press("Shift+Enter")
+    prompt = cells.nth(index).locator(".jp-InputPrompt")
+    # "[*]:" while it runs, "[n]:" when done.
+    wait_until(lambda: re.search(r"\[\d+\]", prompt.inner_text()), MODEL_S / 1000, message="the cell to run")
+    return cells.nth(index).locator(".jp-OutputArea").inner_text()
+
+
+def show_panel(page):
+    tab = page.locator('.jp-SideBar [data-id="llm-nb-panel"]')
+    tab.wait_for()
+    header = page.locator("#llm-nb-panel .jp-LlmNb-header")
+    deadline = time.monotonic() + UI_S / 1000
+    # JupyterLab restores the last layout as it starts, and may open the panel itself a moment
+    # after the tab shows: a click then would close it. Click only while the tab is not current.
+    while not header.is_visible():
+        assert time.monotonic() < deadline, "the LLM panel did not open"
+        if "lm-mod-current" not in (tab.get_attribute("class") or ""):
+            tab.click()
+        page.wait_for_timeout(300)
+    return page.locator("#llm-nb-panel")
+
+
+def shoot(locator, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    locator.screenshot(path=str(path))
+    return path
+
+
+def test_panel_shows_the_notebook_as_holder_chats_and_force_unloads(lab, browser):
+    page = open_notebook(browser, lab, "holder.ipynb")
+    try:
+        out = run_cell(page, "%load_ext llm_nb\n%llm_load smollm2", 0)
+        assert "smollm2" in out, out
+
+        panel = show_panel(page)
+        card = panel.locator('.jp-LlmNb-model[data-model="smollm2"]')
+        card.locator(".jp-LlmNb-holder", has_text="holder.ipynb").wait_for()
+        assert card.locator(".jp-LlmNb-state").inner_text() in ("ready", "idle")
+        facts = card.locator(".jp-LlmNb-modelFacts").inner_text()
+        assert "llamacpp" in facts and "cpu" in facts and "MiB" in facts
+        assert "RAM budget" in panel.locator(".jp-LlmNb-budgetLabel").inner_text()
+        shoot(panel, "panel-holder.png")
+
+        # The playground streams a reply from the model the notebook loaded.
+        panel.get_by_label("Chat message").fill("Name one colour.")
+        panel.get_by_label("Chat message").press("Enter")
+        panel.locator(".jp-LlmNb-chat button", has_text="Stop").wait_for()
+        panel.locator(".jp-LlmNb-chat button", has_text="Send").wait_for(timeout=MODEL_S)
+        reply = panel.locator(".jp-LlmNb-turn-assistant").last
+        assert reply.inner_text().strip() not in ("", "…")
+        assert "jp-mod-error" not in (reply.get_attribute("class") or "")
+        shoot(panel, "panel-chat.png")
+
+        # Force unload asks first, naming the notebook that holds the model.
+        card.locator("button", has_text="Force unload").click()
+        dialog = page.locator(".jp-Dialog")
+        dialog.wait_for()
+        assert "holder.ipynb" in dialog.inner_text()
+        shoot(page, "panel-force-unload-dialog.png")
+        dialog.locator("button", has_text="Force unload").click()
+        card.wait_for(state="detached", timeout=MODEL_S)
+        panel.locator(".jp-LlmNb-note", has_text="No model is loaded").wait_for()
+        shoot(panel, "panel-unloaded.png")
+
+        # The notebook's next call says plainly that the model is gone.
+        out = run_cell(page, "%%llm_chat smollm2\nSay hello.", 1)
+        assert "smollm2" in out and re.search(r"not loaded|unloaded|is gone|load it", out, re.I), out
+    finally:
+        page.close()
+
+
+def unload_everything(lab: RunningJupyter) -> None:
+    for model in lab.snapshot()["models"]:
+        lab.api().post(lab.llm("models/unload"), json={"model": model["name"], "force": True}, timeout=60)
+
+
+def test_panel_loads_and_unloads_by_itself_in_the_dark_theme(lab, browser):
+    unload_everything(lab)
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.set_default_timeout(UI_S)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    try:
+        page.goto(f"{lab.url}/lab?token={lab.token}")
+        panel = show_panel(page)
+        page.evaluate("window.jupyterapp.commands.execute('apputils:change-theme', {theme: 'JupyterLab Dark'})")
+        page.wait_for_function("document.body.dataset.jpThemeLight === 'false'")
+
+        panel.get_by_label("Model to load").select_option("smollm2")
+        panel.locator("button[type=submit]", has_text="Load").click()
+        card = panel.locator('.jp-LlmNb-model[data-model="smollm2"]')
+        card.locator(".jp-LlmNb-state", has_text=re.compile("ready|idle")).wait_for(timeout=MODEL_S)
+        card.locator(".jp-LlmNb-holders", has_text="Held by this panel").wait_for()
+        shoot(panel, "panel-dark.png")
+
+        # Nobody else holds it: a plain unload frees it at once, with no dialog.
+        card.locator("button", has_text=re.compile(r"^Unload$")).click()
+        card.wait_for(state="detached", timeout=MODEL_S)
+        assert page.locator(".jp-Dialog").count() == 0
+
+        # The command palette has the panel's commands.
+        page.keyboard.press("Control+Shift+C")
+        page.keyboard.type("force-unload")
+        page.locator(".lm-CommandPalette-item", has_text="Force-Unload a Model").wait_for()
+        page.keyboard.press("Escape")
+
+        # A host that crashes is restarted, and the panel says so.
+        os.kill(lab.host_pid(), signal.SIGKILL)
+        alert = panel.locator(".jp-LlmNb-alert", has_text="was killed by SIGKILL")
+        alert.wait_for(timeout=MODEL_S)
+        wait_until(lambda: lab.snapshot()["host"]["state"] == "running", 60, message="the restarted host")
+        alert.locator("text=was restarted").wait_for()
+        page.locator(".jp-toast-message", has_text="model host was killed by SIGKILL").wait_for()
+        shoot(panel, "panel-host-restarted.png")
+        ours = [e for e in errors if "llm-nb" in e or "LlmNb" in e or "llm_nb" in e]
+        assert not ours, ours
+    finally:
+        page.evaluate("window.jupyterapp.commands.execute('apputils:change-theme', {theme: 'JupyterLab Light'})")
+        page.close()
+
+
+def test_the_panel_api_refuses_a_browser_without_the_token(lab, browser):
+    # A fresh browser context has no login cookie: the same routes the panel uses are refused.
+    context = browser.new_context()
+    try:
+        for path in ("status", "events", "catalog", "host"):
+            response = context.request.get(lab.llm(path))
+            assert response.status == 403, path
+        posted = context.request.post(lab.llm("models/load"), data={"model": "smollm2"})
+        assert posted.status == 403
+    finally:
+        context.close()
+    assert requests.get(lab.llm("status"), timeout=10).status_code == 403
