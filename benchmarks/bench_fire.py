@@ -1,0 +1,199 @@
+"""consume.fire: 8 prompts at once vs the same 8 one at a time, side by side in one run.
+
+Endpoints, each measured in turn (never at the same time: the machine has 2 cores):
+
+- this host's /v1 (SmolLM2 in a llama.cpp worker, which runs one request at a time),
+- a deployment whose model.py awaits that same SmolLM2 through use_model (achat),
+- a deployment whose predict awaits 0.25 s of I/O (what overlapping can give at best),
+- llama-cpp-python's own OpenAI server on the same GGUF (``--interrupt_requests False``).
+
+Also the cost of the deployment hop: median latency of an empty predict.
+Usage:
+
+    python benchmarks/bench_fire.py [--rounds 3] [--prompts 8] [--max-tokens 16]
+
+Prints, per endpoint, the median over rounds of: wall time at concurrency N and
+one at a time, the speed-up (one-at-a-time wall / parallel wall), p50 latency
+and tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from llm_nb import consume  # noqa: E402
+from llm_nb.catalog import smollm2_path  # noqa: E402
+from llm_nb.connection import read_connection  # noqa: E402
+
+TOPICS = "sea sky sun moon tree rock bird fish river cloud snow wind fire sand leaf star".split()
+
+CHAT_MODEL_PY = """
+from llm_nb.deployment import use_model
+
+model = None
+
+async def init(model_meta=None, *args, **kwargs):
+    global model
+    model = use_model("smollm2")
+
+async def predict(payload_dict: dict, **kwargs):
+    answer = await model.achat_completion(
+        payload_dict["user_prompt"], max_tokens=payload_dict.get("max_tokens", 16), temperature=0
+    )
+    return {"answer": answer["choices"][0]["message"]["content"], "usage": answer["usage"]}
+"""
+
+SLEEP_MODEL_PY = """
+import asyncio
+
+async def predict(payload_dict: dict, **kwargs):
+    await asyncio.sleep(float(payload_dict.get("sleep", 0)))
+    return {"answer": payload_dict["user_prompt"]}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} did not come up within {timeout:.0f} s")
+
+
+def start_host(tmp: Path) -> tuple[subprocess.Popen, dict]:
+    conn = tmp / "rt" / "host.json"
+    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp / "rt"), LLM_NB_CONNECTION=str(conn))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llm_nb.host", "--connection-file", str(conn)],
+        env=env,
+        stdout=open(tmp / "host.log", "wb"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+    )
+    wait_until(lambda: (read_connection(conn) or {}).get("pid") == process.pid, 60, "the host")
+    os.environ["LLM_NB_CONNECTION"] = str(conn)
+    return process, read_connection(conn)
+
+
+def write_model(folder: Path, code: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.py").write_text(textwrap.dedent(code))
+    return folder
+
+
+def summarise(runs: list[dict]) -> dict:
+    def median(key: str) -> float | None:
+        values = [run[key] for run in runs if run.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    return {k: median(k) for k in ("wall_s", "sequential_wall_s", "speedup", "p50_s", "tokens_per_s")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads, the same for both engines")
+    args = parser.parse_args()
+    prompts = [f"Say one sentence about the {TOPICS[i % len(TOPICS)]}." for i in range(args.prompts)]
+    concurrency = args.prompts
+    gen = {"max_tokens": args.max_tokens, "temperature": 0}
+
+    with tempfile.TemporaryDirectory(prefix="bench-fire-") as tmp_name:
+        tmp = Path(tmp_name)
+        host, info = start_host(tmp)
+        port = free_port()
+        server = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", smollm2_path(), "--host", "127.0.0.1"]
+            + ["--port", str(port), "--n_ctx", "2048", "--n_threads", str(args.threads)]
+            + ["--interrupt_requests", "False"],  # else a new request cuts off the running stream
+            stdout=open(tmp / "server.log", "wb"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            headers = {"Authorization": f"Bearer {info['key']}"}
+            load = {"model": "smollm2", "keep_alive": -1, "options": {"n_ctx": 2048, "n_threads": args.threads}}
+            requests.post(info["url"] + "/api/models/load", json=load, headers=headers, timeout=300).raise_for_status()
+            for name, code in (("chat", CHAT_MODEL_PY), ("sleep", SLEEP_MODEL_PY)):
+                body = {"name": name, "folder": str(write_model(tmp / name, code))}
+                requests.post(
+                    info["url"] + "/api/deployments/deploy", json=body, headers=headers, timeout=300
+                ).raise_for_status()
+            server_url = f"http://127.0.0.1:{port}/v1"
+            wait_until(lambda: requests.get(server_url + "/models", timeout=2).ok, 90, "llama_cpp.server")
+
+            endpoints = [
+                ("host /v1 (llama.cpp worker)", info["url"] + "/v1", gen),
+                ("deployment -> use_model", info["url"] + "/models/chat/", {"params": {"max_tokens": args.max_tokens}}),
+                ("deployment, 0.25 s of I/O", info["url"] + "/models/sleep/", {"params": {"sleep": 0.25}}),
+                ("llama_cpp.server /v1", server_url, gen),
+            ]
+            for _, url, kwargs in endpoints:  # warm-up: first requests pay one-time costs
+                consume.fire(url, prompts[:2], concurrency=2, progress=False, compare_sequential=False, **kwargs)
+            runs: dict[str, list[dict]] = {label: [] for label, _, _ in endpoints}
+            # Rounds interleave the endpoints, so that each sees the same background load.
+            for _ in range(args.rounds):
+                for label, url, kwargs in endpoints:
+                    report = consume.fire(url, prompts, concurrency=concurrency, progress=False, **kwargs)
+                    failed = report.errors + [r for r in report.sequential or [] if not r.ok]
+                    if failed:
+                        raise RuntimeError(f"{label}: {[r.error for r in failed][:3]}")
+                    runs[label].append(report.summary)
+
+            hop = []
+            token = consume.get_session_token(info["url"] + "/models/sleep/")
+            for _ in range(50):
+                started = time.perf_counter()
+                consume.predict(info["url"] + "/models/sleep/", {"user_prompt": "x"}, token)
+                hop.append(time.perf_counter() - started)
+        finally:
+            host.terminate()
+            server.terminate()
+            host.wait(30)
+            server.wait(30)
+
+    def fmt(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    print(
+        f"{args.prompts} prompts, concurrency {concurrency} vs 1, max_tokens {args.max_tokens}, "
+        f"{args.threads} llama.cpp threads, median of {args.rounds} interleaved rounds after a warm-up"
+    )
+    print(f"{'endpoint':30} {'parallel s':>10} {'1-by-1 s':>9} {'speed-up':>8} {'p50 s':>7} {'tok/s':>7}")
+    for label, row in ((label, summarise(r)) for label, r in runs.items()):
+        print(
+            f"{label:30} {fmt(row['wall_s'], '10.2f')} {fmt(row['sequential_wall_s'], '9.2f')} "
+            f"{fmt(row['speedup'], '7.2f')}x {fmt(row['p50_s'], '7.2f')} {fmt(row['tokens_per_s'], '7.1f')}"
+        )
+    print(
+        f"deployment hop: median {statistics.median(hop) * 1000:.1f} ms per empty predict (p90 "
+        f"{sorted(hop)[int(len(hop) * 0.9)] * 1000:.1f} ms)"
+    )
+
+
+if __name__ == "__main__":
+    main()

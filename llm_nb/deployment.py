@@ -1,0 +1,272 @@
+"""Deploy a model folder to the shared host, and use host models from inside one.
+
+In a notebook::
+
+    import llm_nb
+    d = llm_nb.deploy("summarise", "./summarise")   # model.py (+ model.json)
+    d.api_url                                        # http://127.0.0.1:PORT/models/summarise/
+    llm_nb.undeploy("summarise")                     # cleanup() runs, the worker ends
+
+In ``model.py``, a model the host has loaded already (or loads now), shared
+with every notebook instead of a second copy in memory::
+
+    from llm_nb.deployment import use_model
+
+    generator = None
+
+    async def init(model_meta=None, *args, **kwargs):
+        global generator
+        generator = use_model("smollm2", max_new_tokens=200)
+
+    async def predict(payload_dict: dict, **kwargs):
+        res = generator([payload_dict["user_prompt"]])    # shaped like a transformers pipeline
+        return {"answer": res[0][0]["generated_text"]}
+        # or: return {"answer": await generator.achat(payload_dict["user_prompt"])}
+
+``use_model`` reads the host's URL and the deployment's own credential from
+the worker's environment (``LLM_NB_HOST_URL``, ``LLM_NB_DEPLOYMENT_TOKEN``);
+the lease it takes is released at undeploy. Outside a deployment (trying
+model.py out in a notebook) it uses this kernel's connection to the host.
+This module imports no model library and nothing from ``llm_nb.host``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+
+from .config import DEFAULT_MODEL
+from .errors import LlmNbError, error_from_json
+
+HOST_URL_ENV = "LLM_NB_HOST_URL"
+TOKEN_ENV = "LLM_NB_DEPLOYMENT_TOKEN"
+DEPLOYMENT_ENV = "LLM_NB_DEPLOYMENT"
+
+
+@dataclass
+class Deployed:
+    """What ``deploy`` answers: where the deployment serves, and what it is."""
+
+    name: str
+    version: int
+    api_url: str
+    state: str
+    files: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def meta_url(self) -> str:
+        return self.api_url + "?get_meta=true"
+
+    def __str__(self) -> str:
+        copied = sum(1 for f in self.files if not f.get("cached"))
+        files = f", {len(self.files)} files ({copied} copied)" if self.files else ""
+        return f"{self.name} v{self.version} {self.state} at {self.api_url} in {self.seconds:.1f} s{files}"
+
+    def _repr_markdown_(self) -> str:
+        return f"**{self.name}** v{self.version} · {self.state} · `{self.api_url}` · {self.seconds:.1f} s"
+
+
+def _progress_printer(name: str) -> tuple[Callable[[dict], None], Callable[[], None]]:
+    """A tqdm.auto bar: bytes while files copy, then the init stage."""
+    from tqdm.auto import tqdm
+
+    bar = None
+
+    def on_progress(event: dict) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=None, unit="B", unit_scale=True, desc=f"deploy {name}", leave=False)
+        if event.get("stage") == "download" and event.get("total"):
+            bar.total = event["total"]
+            bar.n = event.get("bytes", 0)
+            bar.set_postfix_str(event.get("file", ""), refresh=False)
+            bar.refresh()
+        elif event.get("message"):
+            bar.set_description_str(f"deploy {name}: {event['message']}")
+
+    def close() -> None:
+        if bar is not None:
+            bar.close()
+
+    return on_progress, close
+
+
+def deploy(
+    name: str, folder: str | os.PathLike = ".", *, connection: str | os.PathLike | None = None, progress: bool = True
+) -> Deployed:
+    """Deploy ``folder`` (with ``model.py``) as ``name``; a new version replaces a live one once its init() is done."""
+    from .client import Client
+
+    client = Client(connection)
+    on_progress, close = _progress_printer(name) if progress else (None, lambda: None)
+    try:
+        result = client.deploy(name, folder, on_progress=on_progress)
+    finally:
+        close()
+    meta = result["deployment"]
+    return Deployed(
+        name=meta["name"],
+        version=meta["version"],
+        api_url=meta["api_url"],
+        state=meta["state"],
+        files=meta.get("files") or [],
+        seconds=result.get("seconds", 0.0),
+        meta=meta,
+    )
+
+
+def undeploy(name: str, *, connection: str | os.PathLike | None = None) -> dict:
+    """Undeploy ``name``: its cleanup() runs, its worker ends, its model leases are released."""
+    from .client import Client
+
+    return Client(connection, autostart=False).undeploy(name)
+
+
+def deployments(*, connection: str | os.PathLike | None = None) -> list[dict]:
+    from .client import Client
+
+    return Client(connection, autostart=False).deployments()
+
+
+# --- inside model.py -----------------------------------------------------------------
+_PIPELINE_PARAMS = {"max_new_tokens": "max_tokens", "max_length": "max_tokens"}
+
+
+class HostModel:
+    """A model on the host, for model.py: ``chat``, ``achat``, ``complete``, or call it like a pipeline."""
+
+    def __init__(self, url: str, credential: str, name: str, defaults: dict | None = None, release=None):
+        self.url = url.rstrip("/")
+        self.name = name
+        self.defaults = dict(defaults or {})
+        self._headers = {"Authorization": f"Bearer {credential}"}
+        self._release = release
+
+    def __repr__(self) -> str:
+        return f"HostModel({self.name!r} at {self.url})"
+
+    def _params(self, params: dict) -> dict:
+        merged = {**self.defaults, **params}
+        out = {}
+        for key, value in merged.items():
+            if key == "do_sample":
+                if value is False:
+                    out.setdefault("temperature", 0.0)
+                continue
+            if key in ("return_full_text", "num_return_sequences"):
+                continue  # pipeline options with one meaning here: the reply alone
+            out[_PIPELINE_PARAMS.get(key, key)] = value
+        return {k: v for k, v in out.items() if v is not None}
+
+    def _chat_body(self, prompt: str | list[dict], system: str | None, params: dict) -> dict:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if system:
+            messages.insert(0, {"role": "system", "content": system})
+        return {"model": self.name, "messages": messages, **self._params(params)}
+
+    def _post(self, path: str, body: dict) -> dict:
+        try:
+            response = requests.post(f"{self.url}{path}", json=body, headers=self._headers, timeout=600)
+        except requests.RequestException as exc:
+            raise LlmNbError(f"the llm-nb host at {self.url} does not answer: {exc}", code="host_unavailable") from exc
+        if response.status_code >= 400:
+            raise error_from_json(_body(response), response.status_code)
+        return response.json()
+
+    def chat_completion(self, prompt: str | list[dict], *, system: str | None = None, **params: Any) -> dict:
+        """The whole OpenAI-shaped answer, usage included."""
+        return self._post("/v1/chat/completions", self._chat_body(prompt, system, params))
+
+    def chat(self, prompt: str | list[dict], *, system: str | None = None, **params: Any) -> str:
+        return self.chat_completion(prompt, system=system, **params)["choices"][0]["message"]["content"]
+
+    async def achat_completion(self, prompt: str | list[dict], *, system: str | None = None, **params: Any) -> dict:
+        """``chat_completion`` without blocking model.py's event loop: predictions overlap while they wait."""
+        import aiohttp
+
+        body = self._chat_body(prompt, system, params)
+        async with aiohttp.ClientSession(headers=self._headers) as session:
+            async with session.post(f"{self.url}/v1/chat/completions", json=body) as response:
+                data = await response.json(content_type=None)
+                if response.status >= 400:
+                    raise error_from_json(data, response.status)
+                return data
+
+    async def achat(self, prompt: str | list[dict], *, system: str | None = None, **params: Any) -> str:
+        return (await self.achat_completion(prompt, system=system, **params))["choices"][0]["message"]["content"]
+
+    def complete(self, prompt: str, **params: Any) -> str:
+        body = {"model": self.name, "prompt": prompt, **self._params(params)}
+        return self._post("/v1/completions", body)["choices"][0]["text"]
+
+    def __call__(self, inputs: str | list, **params: Any) -> list:
+        """Answer like a transformers text-generation pipeline: ``[{"generated_text": ...}]`` per input.
+
+        A string gives one list of one dict; a list of strings, one such list
+        each; a chat (a list of message dicts) gets the conversation back with
+        the reply appended, as the chat pipeline does.
+        """
+        if isinstance(inputs, str):
+            return [{"generated_text": self.chat(inputs, **params)}]
+        if inputs and all(isinstance(m, dict) for m in inputs):
+            reply = self.chat(inputs, **params)
+            return [{"generated_text": [*inputs, {"role": "assistant", "content": reply}]}]
+        return [[{"generated_text": self.chat(text, **params)}] for text in inputs]
+
+    def release(self) -> None:
+        """Give the lease back now (undeploy does it anyway)."""
+        if self._release is not None:
+            self._release()
+
+
+def _body(response: requests.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return response.text
+
+
+def use_model(
+    model: str = DEFAULT_MODEL,
+    *,
+    name: str | None = None,
+    options: dict | None = None,
+    keep_alive: float | str | None = None,
+    **defaults: Any,
+) -> HostModel:
+    """A lease on ``model`` on the host (loaded now if it is not yet), and a small client for it.
+
+    ``defaults`` are generation parameters used on every call (``max_tokens``,
+    ``temperature``, or pipeline names like ``max_new_tokens``).
+    """
+    url, token, deployment = (os.environ.get(k) for k in (HOST_URL_ENV, TOKEN_ENV, DEPLOYMENT_ENV))
+    body = {"model": model, "name": name, "options": options, "keep_alive": keep_alive}
+    body = {k: v for k, v in body.items() if v is not None}
+    if url and token and deployment:
+        try:
+            response = requests.post(
+                f"{url}/api/deployments/{deployment}/use",
+                json=body,
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=900,
+            )
+        except requests.RequestException as exc:
+            raise LlmNbError(f"the llm-nb host at {url} does not answer: {exc}", code="host_unavailable") from exc
+        if response.status_code >= 400:
+            raise error_from_json(_body(response), response.status_code)
+        served = response.json()["model"]["name"]
+        return HostModel(url, token, served, defaults)
+    # Not in a deployment: a notebook trying model.py out. Lease through this kernel's client.
+    from .client import Client
+
+    client = Client()
+    result = client.load(model, name=name, options=options, keep_alive=keep_alive)
+    served = result["model"]["name"]
+    info = client.host_info()
+    return HostModel(info["url"], info["key"], served, defaults, release=lambda: client.unload(served))
