@@ -1,0 +1,94 @@
+"""Property-based fuzzing of every route from the host's own OpenAPI description.
+
+Malformed JSON, wrong types, huge and negative numbers, unicode, empty and
+oversized bodies: no 5xx, no crash, every error JSON with a code.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, settings
+
+from llm_nb.host.openapi import build_openapi
+
+from .conftest import start_host
+
+SCHEMA = schemathesis.openapi.from_dict(build_openapi())
+EXAMPLES = 60
+
+
+@pytest.fixture(scope="module")
+def fuzz_host(tmp_path_factory):
+    host = start_host(tmp_path_factory.mktemp("fuzz"), LLM_NB_MAX_BODY="256KiB")
+    # A small context bounds how long any generated request can run.
+    host.client().load("smollm2", options={"n_ctx": 256}, keep_alive=-1)
+    yield host
+    host.stop()
+
+
+def check_answer(host, response) -> None:
+    assert response.status_code < 500 or response.status_code in (502, 503, 507), (
+        f"{response.request.method} {response.request.url} -> {response.status_code}: {response.text[:300]}"
+    )
+    if response.status_code >= 400:
+        body = response.json()
+        assert body["error"]["code"] and body["error"]["message"]
+    assert requests.get(host.url + "/health", timeout=5).ok, "the host died"
+
+
+@SCHEMA.exclude(path="/api/models/load").parametrize()
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+def test_generated_requests_never_get_a_5xx(case, fuzz_host):
+    response = case.call(base_url=fuzz_host.url, headers={"Authorization": f"Bearer {fuzz_host.key}"}, timeout=60)
+    check_answer(fuzz_host, response)
+
+
+@SCHEMA.include(path="/api/models/load").parametrize()
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+def test_generated_loads_are_answered_cleanly(case, fuzz_host):
+    # Valid loads would start real workers for random names; keep to the refusals.
+    if isinstance(case.body, dict) and not case.body.get("model"):
+        case.body["model"] = "/nonexistent/" + json.dumps(case.body)[:40]
+    response = case.call(base_url=fuzz_host.url, headers={"Authorization": f"Bearer {fuzz_host.key}"}, timeout=60)
+    check_answer(fuzz_host, response)
+
+
+RAW_BODIES = [
+    b"",
+    b"null",
+    b"\xff\xfe\x00garbage",
+    b'{"model": "smollm2", "messages": [{"role": "user", "content": "\\ud800"}]}',
+    b'{"model": "smollm2", "messages": [{"role": "user", "content": "\xe2\x98\x83 \xf0\x9f\x98\x80"}], "max_tokens": 2}',
+    b'{"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "max_tokens": -5}',
+    b'{"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1e400}',
+    b'{"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
+    b'{"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "seed": 99999999999999999999999999}',
+    b'{"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "stop": ["' + b"s" * 1000 + b'"]}',
+    b'{"model": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    b'{"model": "smollm2", "messages": "' + b"x" * 300_000 + b'"}',
+]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/api/models/unload",
+        "/v2/models/smollm2/infer",
+        "/api/token",
+        "/api/deployments/deploy",
+        "/api/deployments/undeploy",
+    ],
+)
+@pytest.mark.parametrize("body", RAW_BODIES, ids=range(len(RAW_BODIES)))
+def test_hand_made_bad_bodies_get_json_errors(fuzz_host, path, body):
+    response = requests.post(
+        fuzz_host.url + path, data=body, headers={"Authorization": f"Bearer {fuzz_host.key}"}, timeout=60
+    )
+    check_answer(fuzz_host, response)
