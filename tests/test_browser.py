@@ -11,6 +11,7 @@ Needs ``apt-get install chromium`` and ``pip install playwright`` (never
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -91,13 +92,64 @@ def run_cell(page, source: str, index: int) -> str:
         page.keyboard.press("Escape")
         page.keyboard.press("b")  # insert a cell below, as a person would
         cells.nth(index).wait_for()
-    cells.nth(index).locator(".cm-content").click()
+    cell = cells.nth(index)
+    editor = cell.locator(".cm-content")
+    editor.click()
     page.keyboard.type(source)  # key by key: CodeMirror must see the edit before the cell runs
-    page.keyboard.press("Shift+Enter")
-    prompt = cells.nth(index).locator(".jp-InputPrompt")
-    # "[*]:" while it runs, "[n]:" when done.
-    wait_until(lambda: re.search(r"\[\d+\]", prompt.inner_text()), MODEL_S / 1000, message="the cell to run")
-    return cells.nth(index).locator(".jp-OutputArea").inner_text()
+    wait_until(
+        lambda: _words(editor.inner_text()) == _words(source),
+        UI_S / 1000,
+        message=f"the editor to hold the cell's source ({_page_state(page, cell)})",
+    )
+    prompt = cell.locator(".jp-InputPrompt")
+    # A page that is still settling (layout restored, kernel just connected) can move the
+    # focus and swallow a keypress; a person would try again, then use the toolbar's Run
+    # button. "[*]:" means it is queued or running.
+    run_button = page.locator('.jp-NotebookPanel-toolbar [data-command="notebook:run-cell-and-select-next"]')
+    for attempt in range(3):
+        if attempt < 2:
+            page.keyboard.press("Shift+Enter")
+        else:
+            run_button.click()
+        try:
+            wait_until(lambda: prompt.inner_text().strip() not in ("", "[ ]:"), 10, message="the cell to start")
+            break
+        except AssertionError:
+            print(f"cell {index} did not start after try {attempt + 1}: {_page_state(page, cell)}")
+            editor.click()
+    # "[n]:" when done.
+    wait_until(
+        lambda: re.search(r"\[\d+\]", prompt.inner_text()),
+        MODEL_S / 1000,
+        message=f"the cell to run ({_page_state(page, cell)})",
+    )
+    return cell.locator(".jp-OutputArea").inner_text()
+
+
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+def _page_state(page, cell) -> str:
+    """What the page showed, for a failure message: a screenshot lands in ``.artifacts/``."""
+    with contextlib.suppress(Exception):
+        shoot(page, "failure.png")
+    parts = {}
+    for name, locator in {
+        "prompt": cell.locator(".jp-InputPrompt"),
+        "editor": cell.locator(".cm-content"),
+        "output": cell.locator(".jp-OutputArea"),
+        "kernel": page.locator(".jp-Notebook-ExecutionIndicator"),
+        "dialog": page.locator(".jp-Dialog"),
+    }.items():
+        try:
+            if name == "kernel":
+                parts[name] = locator.first.get_attribute("data-status", timeout=1000)
+            elif locator.count():
+                parts[name] = locator.first.inner_text(timeout=1000)[-500:]
+        except Exception as exc:  # noqa: BLE001 - a diagnostic must not hide the real failure
+            parts[name] = f"<{type(exc).__name__}>"
+    return "; ".join(f"{k}={v!r}" for k, v in parts.items())
 
 
 def show_panel(page):
@@ -161,6 +213,9 @@ def test_panel_shows_the_notebook_as_holder_chats_and_force_unloads(lab, browser
         # The notebook's next call says plainly that the model is gone.
         out = run_cell(page, "%%llm_chat smollm2\nSay hello.", 1)
         assert "smollm2" in out and re.search(r"not loaded|unloaded|is gone|load it", out, re.I), out
+    except AssertionError:
+        print(f"--- end of {lab.log_path.name}:\n{lab.log()[-4000:]}")  # shown by pytest on failure
+        raise
     finally:
         page.close()
 
