@@ -102,11 +102,7 @@ class Panel(w.VBox):
         self._stop.set()
         self._chat_stop.set()
         _live_panels.discard(self)
-        for child in self.children:
-            for grandchild in getattr(child, "children", ()):
-                grandchild.close()
-            child.close()
-        super().close()
+        _close_tree(self)
 
     def _in_thread(self, target) -> None:
         threading.Thread(target=self._guard(target), daemon=True).start()
@@ -262,3 +258,17 @@ class Panel(w.VBox):
 
     def _show_reply(self, text: str) -> None:
         self.reply.value = f'<div style="white-space: pre-wrap">{html.escape(text)}</div>'
+
+
+def _close_tree(widget: w.Widget) -> None:
+    """Close a widget, its children and their layout and style widgets.
+
+    ``Widget.close()`` closes only the widget itself: the rest would stay registered in the
+    kernel, and be closed later by ``__del__`` at whatever moment the garbage collector picks.
+    """
+    for child in getattr(widget, "children", ()):
+        _close_tree(child)
+    for part in (getattr(widget, "layout", None), getattr(widget, "style", None)):
+        if isinstance(part, w.Widget):
+            part.close()
+    w.Widget.close(widget)

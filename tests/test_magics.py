@@ -328,8 +328,11 @@ def test_importing_the_kernel_side_loads_no_model_library():
 
 # --- the panel ------------------------------------------------------------------------------------
 def test_panel_polls_status_loads_chats_and_stops_when_closed(shared_host):
+    from ipywidgets.widgets.widget import _instances as registered_widgets
+
     from llm_nb.widgets import Panel
 
+    before = set(registered_widgets)
     session = notebook_session(shared_host.connection_file)
     panel = Panel(session, interval=0.2, chat_refresh=0.1)
     try:
@@ -352,3 +355,5 @@ def test_panel_polls_status_loads_chats_and_stops_when_closed(shared_host):
         wait_for(lambda: not replacement.polling, 5, 0.05, "the closed panel to stop polling")
     finally:
         panel.close()
+    # Closing gives back every widget it made, layouts and styles included.
+    assert set(registered_widgets) - before == set()
