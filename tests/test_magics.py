@@ -213,14 +213,29 @@ def test_status_table_and_unload(shell, shared_host, outputs, capsys):
     assert "this notebook holds no models" in capsys.readouterr().out
 
 
-def test_interrupt_stops_generation_and_keeps_partial_reply(shell, shared_host, outputs, capsys):
+@pytest.fixture
+def interruptible():
+    """SIGINT raises KeyboardInterrupt here, as in a kernel running a cell.
+
+    A process started in the background by a shell without job control (``make test &``)
+    inherits SIGINT ignored, and Python keeps it ignored: an interrupt would then never arrive.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_interrupt_stops_generation_and_keeps_partial_reply(shell, shared_host, outputs, capsys, interruptible):
     magics = use_magics(shell, shared_host.connection_file)
     observer = shared_host.client()
+
+    def smollm2_in_flight() -> int:
+        return next(m for m in observer.status()["models"] if m["name"] == "smollm2")["in_flight"]
 
     def interrupt_when_streaming() -> None:
         # Tokens have arrived once the display was updated after its first showing.
         wait_for(lambda: len(outputs.outputs) >= 2, 60, 0.02, "the first tokens")
-        assert observer.status()["models"][0]["in_flight"] == 1
+        assert smollm2_in_flight() == 1
         os.kill(os.getpid(), signal.SIGINT)  # what a kernel interrupt does
 
     thread = threading.Thread(target=interrupt_when_streaming)
@@ -233,8 +248,8 @@ def test_interrupt_stops_generation_and_keeps_partial_reply(shell, shared_host, 
     finally:
         thread.join()
     interrupted = time.monotonic()
-    assert type(result.error_in_exec).__name__ == "ChatInterrupted"
-    wait_for(lambda: observer.status()["models"][0]["in_flight"] == 0, 1.0, 0.02, "the host to cancel")
+    assert type(result.error_in_exec).__name__ == "ChatInterrupted", result.error_in_exec
+    wait_for(lambda: smollm2_in_flight() == 0, 1.0, 0.02, "the host to cancel")
     assert time.monotonic() - interrupted < 1.0
     partial = shell.user_ns["partial"]
     assert partial and magics.session.history()[-1] == {"role": "assistant", "content": partial}
