@@ -96,11 +96,7 @@ def run_cell(page, source: str, index: int) -> str:
     editor = cell.locator(".cm-content")
     editor.click()
     page.keyboard.type(source)  # key by key: CodeMirror must see the edit before the cell runs
-    wait_until(
-        lambda: _words(editor.inner_text()) == _words(source),
-        UI_S / 1000,
-        message=f"the editor to hold the cell's source ({_page_state(page, cell)})",
-    )
+    _wait_on_cell(page, cell, lambda: editor.inner_text().split() == source.split(), UI_S, "the editor to hold it")
     prompt = cell.locator(".jp-InputPrompt")
     # A page that is still settling (layout restored, kernel just connected) can move the
     # focus and swallow a keypress; a person would try again, then use the toolbar's Run
@@ -118,36 +114,41 @@ def run_cell(page, source: str, index: int) -> str:
             print(f"cell {index} did not start after try {attempt + 1}: {_page_state(page, cell)}")
             editor.click()
     # "[n]:" when done.
-    wait_until(
-        lambda: re.search(r"\[\d+\]", prompt.inner_text()),
-        MODEL_S / 1000,
-        message=f"the cell to run ({_page_state(page, cell)})",
-    )
+    _wait_on_cell(page, cell, lambda: re.search(r"\[\d+\]", prompt.inner_text()), MODEL_S, "the cell to run")
     return cell.locator(".jp-OutputArea").inner_text()
 
 
-def _words(text: str) -> list[str]:
-    return text.split()
+def _wait_on_cell(page, cell, predicate, timeout_ms: float, message: str):
+    """``wait_until``, and on a time-out say what the page showed then."""
+    try:
+        return wait_until(predicate, timeout_ms / 1000, message=message)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the page showed: {_page_state(page, cell)}") from None
 
 
 def _page_state(page, cell) -> str:
-    """What the page showed, for a failure message: a screenshot lands in ``.artifacts/``."""
+    """What the page shows, for a failure message; a screenshot lands in ``.artifacts/``."""
     with contextlib.suppress(Exception):
         shoot(page, "failure.png")
-    parts = {}
-    for name, locator in {
+    texts = {
         "prompt": cell.locator(".jp-InputPrompt"),
         "editor": cell.locator(".cm-content"),
         "output": cell.locator(".jp-OutputArea"),
-        "kernel": page.locator(".jp-Notebook-ExecutionIndicator"),
         "dialog": page.locator(".jp-Dialog"),
-    }.items():
+    }
+    parts = {}
+    # A diagnostic must not hide the real failure: anything it cannot read, it names.
+    try:
+        parts["kernel"] = page.locator(".jp-Notebook-ExecutionIndicator").first.get_attribute(
+            "data-status", timeout=1000
+        )
+    except Exception as exc:  # noqa: BLE001
+        parts["kernel"] = f"<{type(exc).__name__}>"
+    for name, locator in texts.items():
         try:
-            if name == "kernel":
-                parts[name] = locator.first.get_attribute("data-status", timeout=1000)
-            elif locator.count():
+            if locator.count():
                 parts[name] = locator.first.inner_text(timeout=1000)[-500:]
-        except Exception as exc:  # noqa: BLE001 - a diagnostic must not hide the real failure
+        except Exception as exc:  # noqa: BLE001
             parts[name] = f"<{type(exc).__name__}>"
     return "; ".join(f"{k}={v!r}" for k, v in parts.items())
 
