@@ -1,9 +1,22 @@
-"""What the host's supervisor and the host itself say about a child process that ended."""
+"""What the host's supervisor and the host itself say about a child process that ended.
+
+A host's exit is recorded beside its connection file (``<name>.exit.json``) by
+the process that waits on it (the launcher a client starts, or the Jupyter
+server's supervisor), so that any client, not only the parent, can say how the
+previous host ended: a signal, an exit code, or the kernel's OOM killer.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
+import time
+from pathlib import Path
+
+#: How long after a host's death the OOM rule holds: its models are not loaded again by themselves.
+OOM_HOLD_S = 60.0
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -28,3 +41,89 @@ def tail(path: str | os.PathLike, lines: int) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+def oom_kill_line(pid: int) -> str | None:
+    """The kernel's "Out of memory: Killed process PID" log line, if it killed ``pid`` and the log is readable.
+
+    Reads ``/dev/kmsg`` without blocking (each read is one record); where it is
+    not readable (``dmesg_restrict``, containers), the answer is unknown: None.
+    """
+    pattern = re.compile(rf"Killed process {int(pid)}\b")
+    try:
+        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    found = None
+    try:
+        for _ in range(100_000):  # the ring buffer is finite; this bounds a misbehaving device
+            try:
+                record = os.read(fd, 8192)
+            except BlockingIOError:
+                break  # read everything there is
+            except OSError as exc:
+                if exc.errno == 32:  # EPIPE: a record was overwritten while reading; go on
+                    continue
+                break
+            if not record:
+                break
+            text = record.decode("utf-8", "replace")
+            if pattern.search(text):
+                found = text.split(";", 1)[-1].strip()
+    finally:
+        os.close(fd)
+    return found
+
+
+def exit_record_path(connection_file: Path) -> Path:
+    return Path(connection_file).with_suffix(".exit.json")
+
+
+def record_exit(connection_file: Path, pid: int, returncode: int | None) -> dict:
+    """Write how host ``pid`` ended next to its connection file (atomically), and return the record."""
+    oom = oom_kill_line(pid) if returncode == -signal.SIGKILL else None
+    if returncode is None:
+        reason = "ended (its exit status is unknown)"
+    elif returncode == 0:
+        reason = "stopped on request (exit code 0)"
+    else:
+        reason = describe_exit(returncode)
+    if oom:
+        reason = f"was killed by the kernel's OOM killer (SIGKILL): {oom}"
+    record = {"pid": pid, "returncode": returncode, "reason": reason, "oom": bool(oom), "at": time.time()}
+    path = exit_record_path(connection_file)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(record))
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+    return record
+
+
+def read_exit(connection_file: Path, pid: int, wait: float = 0.0) -> dict | None:
+    """The exit record of host ``pid``, waiting up to ``wait`` seconds for its parent to write it."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            record = json.loads(exit_record_path(connection_file).read_text())
+            if isinstance(record, dict) and record.get("pid") == pid:
+                return record
+        except (OSError, ValueError):
+            pass
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
+
+
+def how_host_ended(connection_file: Path, pid: int, wait: float = 0.0) -> tuple[str, dict | None]:
+    """``("was killed by SIGKILL", record)``: what to say after "the host (pid N)"."""
+    record = read_exit(connection_file, pid, wait)
+    if record is not None:
+        return record["reason"], record
+    oom = oom_kill_line(pid)
+    if oom:
+        record = {"pid": pid, "returncode": -signal.SIGKILL, "oom": True, "at": time.time()}
+        return f"was killed by the kernel's OOM killer (SIGKILL): {oom}", record
+    return "is gone (how it ended was not recorded)", None

@@ -28,6 +28,7 @@ from filelock import FileLock
 from filelock import Timeout as LockTimeout
 
 from .. import processes
+from ..config import stream_read_timeout
 from ..connection import live_host, read_connection
 from ..errors import HostUnavailable
 
@@ -254,10 +255,13 @@ class HostSupervisor:
         return None
 
     async def _watch(self, generation: int) -> None:
+        pid = self.pid
         code = await self._wait_exit()
+        if code is not None and pid is not None:
+            # For the kernels: their next call says how this host ended (and whether the OOM killer did it).
+            await asyncio.to_thread(processes.record_exit, self.connection_file, pid, code)
         if self._stopping or generation != self._generation:
             return  # we stopped it ourselves
-        pid = self.pid
         self._info = None
         self._process = None
         self.pid = None
@@ -294,7 +298,10 @@ class HostSupervisor:
     async def _follow_events(self, generation: int, info: dict) -> None:
         """Keep ``status`` current from the host's own event stream (one connection, however many tabs)."""
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
+            # The host writes to this stream at least every heartbeat: silence means it is hung or gone.
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=stream_read_timeout())
+            )
         headers = {"Authorization": f"Bearer {info['key']}", "Accept": "text/event-stream"}
         while generation == self._generation and self.state == "running" and not self._stopping:
             try:
@@ -311,7 +318,7 @@ class HostSupervisor:
                             if generation == self._generation and self.state == "running":
                                 self.status = status
                                 self.on_change()
-            except (aiohttp.ClientError, OSError, ValueError) as exc:
+            except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
                 self.log.debug("llm-nb: host event stream ended: %s", exc)
             await asyncio.sleep(1.0)
 
