@@ -108,3 +108,18 @@ class Settings:
             worker_grace=float(_env("WORKER_GRACE", "5")),
             catalog_file=Path(catalog) if catalog else None,
         )
+
+
+# --- streams to the host: heartbeats and the read timeout that relies on them ------------------
+DEFAULT_HEARTBEAT_S = 3.0
+
+
+def heartbeat_interval() -> float:
+    """Seconds between the host's heartbeats on a stream that has nothing else to send (``LLM_NB_HEARTBEAT``)."""
+    return max(0.2, float(_env("HEARTBEAT", str(DEFAULT_HEARTBEAT_S))))
+
+
+def stream_read_timeout() -> float:
+    """How long a reader waits for a byte before calling the host silent: a little over the heartbeat."""
+    interval = heartbeat_interval()
+    return max(3 * interval, interval + 5.0)

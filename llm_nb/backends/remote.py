@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlparse
 
@@ -179,8 +180,14 @@ class RemoteEngine:
             data["model"] = self.spec.name
         return data
 
-    async def proxy(self, request: web.Request, path: str, body: dict) -> web.StreamResponse:
-        """Send an OpenAI request on; stream or return the answer with our model name."""
+    async def proxy(
+        self, request: web.Request, path: str, body: dict, on_served: Callable[[], None] = lambda: None
+    ) -> web.StreamResponse:
+        """Send an OpenAI request on; stream or return the answer with our model name.
+
+        ``on_served`` runs once the whole answer came, before its last bytes go out, so a client
+        that reads the end of the answer finds it counted.
+        """
         if self.protocol != "openai":
             raise InvalidRequest(f"{self.spec.name!r} is a KServe v2 model; use /v2/models/{self.spec.name}/infer")
         payload = dict(body, model=self.remote_model)
@@ -191,7 +198,9 @@ class RemoteEngine:
                 if remote.status >= 400:
                     raise await self._remote_error(remote)
                 if not stream:
-                    return web.json_response(self._rename(await remote.json(content_type=None)))
+                    answer = self._rename(await remote.json(content_type=None))
+                    on_served()
+                    return web.json_response(answer)
                 response = web.StreamResponse(
                     headers={
                         "Content-Type": "text/event-stream",
@@ -206,6 +215,7 @@ class RemoteEngine:
                         data = line[5:].strip()
                         if data == b"[DONE]":
                             saw_done = True
+                            on_served()
                         elif data.startswith(b"{"):
                             line = b"data: " + json.dumps(self._rename(json.loads(data))).encode() + b"\n"
                     await response.write(line)

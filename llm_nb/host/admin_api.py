@@ -10,7 +10,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..catalog import catalog_entries, resolve
-from ..config import parse_duration
+from ..config import heartbeat_interval, parse_duration
 from ..errors import InvalidRequest, LlmNbError, ModelNotFound
 from .http import PRINCIPAL, read_json
 from .registry import Lease, Registry
@@ -64,7 +64,7 @@ async def events(request: web.Request) -> web.StreamResponse:
             await response.write(f"event: status\ndata: {json.dumps(status_json(request))}\n\n".encode())
         else:
             await response.write(b": keep-alive\n\n")
-        changed = asyncio.ensure_future(registry.wait_change(version, timeout=15))
+        changed = asyncio.ensure_future(registry.wait_change(version, timeout=heartbeat_interval()))
         stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait({changed, stopping}, return_when=asyncio.FIRST_COMPLETED)
         changed.cancel()
@@ -123,13 +123,17 @@ async def load(request: web.Request) -> web.StreamResponse:
 
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
+    heartbeat, written = heartbeat_interval(), time.monotonic()
     while not task.done():
         await asyncio.wait([task], timeout=0.25)
         model = registry.models.get(spec.name)
         if not task.done() and model is not None and model.state == "loading":
-            event = {"event": "progress", "elapsed": time.monotonic() - started, **(model.progress or {})}
-            event["elapsed"] = time.monotonic() - started
+            event = {"event": "progress", **(model.progress or {}), "elapsed": time.monotonic() - started}
             await response.write((json.dumps(event) + "\n").encode())
+            written = time.monotonic()
+        elif time.monotonic() - written >= heartbeat:  # waiting (for memory, for another load): say so
+            await response.write(b"\n")
+            written = time.monotonic()
     try:
         event = {"event": "done", **result()}
     except LlmNbError as exc:

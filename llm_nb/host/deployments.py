@@ -51,7 +51,7 @@ from typing import Any
 from aiohttp import web
 
 from ..catalog import ModelSpec, resolve
-from ..config import Settings, parse_duration
+from ..config import Settings, heartbeat_interval, parse_duration
 from ..errors import (
     BackendUnavailable,
     InvalidRequest,
@@ -553,11 +553,14 @@ async def deploy(request: web.Request) -> web.StreamResponse:
         return web.json_response(done_event())
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
+    heartbeat = heartbeat_interval()
     while not task.done():
         getter = asyncio.ensure_future(events.get())
-        await asyncio.wait([task, getter], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([task, getter], timeout=heartbeat, return_when=asyncio.FIRST_COMPLETED)
         if not getter.done():
             getter.cancel()
+            if not task.done():  # init() is still running: a blank line tells the reader the host is alive
+                await response.write(b"\n")
             continue
         batch = [getter.result()]
         while not events.empty():  # copy_files throttles its own events: pass them all on

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
@@ -128,3 +129,53 @@ async def error_middleware(request: web.Request, handler):
     except Exception as exc:  # the host survives every bad request
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(LlmNbError(f"internal error: {type(exc).__name__}: {exc}"))
+
+
+HEARTBEAT = None  # what ``with_heartbeats`` yields when the source was silent for an interval
+
+
+async def with_heartbeats(source: AsyncIterator, interval: float) -> AsyncIterator:
+    """``source``'s items, and ``HEARTBEAT`` whenever it was silent for ``interval`` seconds.
+
+    The source runs in one task of its own for its whole life (so timers and
+    cancellation inside it stay with one task); closing this generator cancels
+    that task, which closes the source: a queue slot is given back, a worker
+    request is cancelled. Errors from the source are raised here.
+    """
+    items: asyncio.Queue = asyncio.Queue(maxsize=1)
+
+    async def pump() -> None:
+        try:
+            async for item in source:
+                await items.put((True, item))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # handed to the reader, which raises it
+            await items.put((False, exc))
+            return
+        await items.put((False, None))
+
+    task = asyncio.ensure_future(pump())
+    getter: asyncio.Future | None = None
+    try:
+        while True:
+            if getter is None:
+                getter = asyncio.ensure_future(items.get())
+            done, _ = await asyncio.wait({getter}, timeout=interval)
+            if not done:
+                yield HEARTBEAT
+                continue
+            is_item, value = getter.result()
+            getter = None
+            if is_item:
+                yield value
+            elif value is None:
+                return
+            else:
+                raise value
+    finally:
+        for pending in (getter, task):
+            if pending is not None and not pending.done():
+                pending.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.gather(*(p for p in (getter, task) if p is not None), return_exceptions=True)

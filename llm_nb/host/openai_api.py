@@ -17,8 +17,9 @@ from contextlib import aclosing
 
 from aiohttp import web
 
+from ..config import heartbeat_interval
 from ..errors import LlmNbError
-from .http import PRINCIPAL, read_json
+from .http import HEARTBEAT, PRINCIPAL, read_json, with_heartbeats
 from .registry import LoadedModel, Registry
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, parse
 
@@ -43,9 +44,7 @@ async def proxied(model: LoadedModel, request: web.Request, path: str, raw: dict
     """A remote model's request, under the same per-model queue (its concurrency limit)."""
     async with model.queue.slot():
         model.touch()
-        response = await model.engine.proxy(request, path, raw)
-        model.requests_served += 1
-        return response
+        return await model.engine.proxy(request, path, raw, on_served=model.count_served)
 
 
 def _sse(data: dict | str) -> bytes:
@@ -122,26 +121,13 @@ async def _respond(request: web.Request, kind: str, parsed, raw: dict) -> web.St
     if model.engine is not None:  # remote engine: passed through as the remote shaped it
         return await proxied(model, request, "chat/completions" if kind == "chat" else "completions", raw)
     shaper = _Shaper(kind, model.spec.name)
-    async with aclosing(generation_events(model, parsed.worker_request())) as events:
+    if not parsed.stream:
+        return web.json_response(await _whole(shaper, generation_events(model, parsed.worker_request())))
+    # Heartbeats while the request waits in the queue or the worker is busy: a reader whose host
+    # goes silent for any reason can tell within seconds (its read timeout is a little above this).
+    events = with_heartbeats(generation_events(model, parsed.worker_request()), heartbeat_interval())
+    async with aclosing(events):
         first = await anext(events)  # queue full, context too long...: a plain error status, not a broken stream
-        if not parsed.stream:
-            parts, final = [], {}
-            event = first
-            while True:
-                if "text" in event:
-                    parts.append(event["text"])
-                elif "error" in event:
-                    raise LlmNbError(
-                        event["error"].get("message", "generation failed"), code=event["error"].get("code")
-                    )
-                else:
-                    final = event
-                try:
-                    event = await anext(events)
-                except StopAsyncIteration:
-                    break
-            return web.json_response(shaper.whole("".join(parts), final))
-
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
@@ -151,7 +137,9 @@ async def _respond(request: web.Request, kind: str, parsed, raw: dict) -> web.St
         event = first
         try:
             while True:
-                if "text" in event:
+                if event is HEARTBEAT:
+                    await response.write(b": heartbeat\n\n")
+                elif "text" in event:
                     await response.write(_sse(shaper.chunk(text=event["text"])))
                 elif "error" in event:
                     await response.write(_sse(event))
@@ -171,6 +159,20 @@ async def _respond(request: web.Request, kind: str, parsed, raw: dict) -> web.St
         await response.write(_sse("[DONE]"))
         await response.write_eof()
         return response
+
+
+async def _whole(shaper: _Shaper, source: AsyncIterator[dict]) -> dict:
+    """A whole (not streamed) answer from the worker's events."""
+    parts, final = [], {}
+    async with aclosing(source) as events:
+        async for event in events:
+            if "text" in event:
+                parts.append(event["text"])
+            elif "error" in event:
+                raise LlmNbError(event["error"].get("message", "generation failed"), code=event["error"].get("code"))
+            else:
+                final = event
+    return shaper.whole("".join(parts), final)
 
 
 @routes.post("/v1/chat/completions")

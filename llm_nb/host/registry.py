@@ -97,6 +97,9 @@ class LoadedModel:
     def touch(self) -> None:
         self.last_used = time.time()
 
+    def count_served(self) -> None:
+        self.requests_served += 1
+
     def status_json(self, kind: str) -> dict:
         return {
             "name": self.spec.name,
