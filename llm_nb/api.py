@@ -14,13 +14,13 @@ use, so importing costs nothing), the conversation per model, and the model in
 use. The module-level functions and the magics share one default session, so
 ``%%llm_chat`` and ``llm_nb.chat`` continue the same conversation.
 
-Two things a bare ``Client`` does not do, done here for every caller:
-
-- a chat with a model that is not loaded (or a host that restarted and lost it)
-  loads it first, with a lease, and then asks again;
-- a host that is gone (killed, machine slept) is found again or restarted once
-  before the chat is sent: the client's own retry does not cover streaming
-  requests, which it never resends.
+One thing a bare ``Client`` does not do is done here for every caller: a chat
+with a model that is not loaded (or one lost with a host that died *before*
+this call) loads it first, with a lease, and then asks again. A host that dies
+*during* a call fails that call; only the next call starts a new host, and it
+says so in one line (``Session.on_notice``, stderr by default). Models lost to a
+host that the kernel's OOM killer ended less than a minute ago are not loaded
+again by themselves: the error says why and what to do.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from .config import DEFAULT_MODEL, format_bytes
-from .errors import HostUnavailable, InvalidRequest, ModelLoading, ModelNotFound
+from .errors import InvalidRequest, LlmNbError, ModelLoading, ModelNotFound, print_notice
+from .processes import OOM_HOLD_S
 
 if TYPE_CHECKING:  # the client pulls in requests; keep ``import llm_nb`` light
     from .client import ChatStream, Client
@@ -270,6 +271,10 @@ class Session:
         # that vanishes from that same host was unloaded on purpose (force, the panel) and is
         # not silently loaded again; one lost with a host that died is.
         self.held: dict[str, int] = {}
+        #: Where one-line notices go (a new host was started, ...); stderr unless a thread says otherwise.
+        self.on_notice: Callable[[str], None] = print_notice
+        self.notices: list[str] = []
+        self._notice_target = threading.local()
 
     @property
     def client(self) -> Client:
@@ -277,8 +282,27 @@ class Session:
             if self._client is None:
                 from .client import Client
 
-                self._client = Client(self.connection)
+                self._client = Client(self.connection, on_notice=self._notice)
             return self._client
+
+    def _notice(self, message: str) -> None:
+        self.notices.append(message)
+        (getattr(self._notice_target, "handler", None) or self.on_notice)(message)
+
+    def notices_to(self, handler: Callable[[str], None]):
+        """Within this ``with`` block, this thread's notices go to ``handler`` (the widget panel's message line)."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def redirect():
+            previous = getattr(self._notice_target, "handler", None)
+            self._notice_target.handler = handler
+            try:
+                yield
+            finally:
+                self._notice_target.handler = previous
+
+        return redirect()
 
     def current_model(self, model: str | None = None) -> str:
         return model or self.model or DEFAULT_MODEL
@@ -405,29 +429,42 @@ class Session:
             self.conversations.setdefault(model, []).extend(messages)
 
     def _open(self, body: dict, on_progress: Callable[[dict], None] | None) -> ChatStream:
-        """Open the stream; load the model or find the host again once each when that is what is missing."""
+        """Open the stream; load the model first, once, when the host does not have it."""
         client = self.client
-        reconnected = loaded = False
+        loaded = False
         while True:
             try:
                 return client.chat_stream(body)
-            except HostUnavailable:
-                if reconnected:
-                    raise
-                reconnected = True
-                client.host_info(refresh=True)  # finds the host that took over, or starts one
             except (ModelNotFound, ModelLoading) as exc:
                 name = body["model"]
-                if isinstance(exc, ModelNotFound) and self.held.get(name) == client.host_info()["pid"]:
-                    del self.held[name]
-                    raise ModelNotFound(
-                        f"{name} was unloaded from the host while this notebook held it (force-unloaded from the LLM "
-                        f"panel or by another client); run `%llm_load {name}` to load it again"
-                    ) from None
+                if isinstance(exc, ModelNotFound) and name in self.held:
+                    self._refuse_to_reload(name, client.host_info()["pid"], client.locator.previous_exit)
                 if loaded:
                     raise
                 loaded = True
                 self.load(name, on_progress=on_progress)
+
+    def _refuse_to_reload(self, name: str, host_pid: int, previous_exit: dict | None) -> None:
+        """Raise when a model this session held must not be loaded again behind the user's back."""
+        held_on = self.held[name]
+        if held_on == host_pid:
+            del self.held[name]
+            raise ModelNotFound(
+                f"{name} was unloaded from the host while this notebook held it (force-unloaded from the LLM "
+                f"panel or by another client); run `%llm_load {name}` to load it again"
+            ) from None
+        if previous_exit and previous_exit.get("oom") and previous_exit.get("pid") == held_on:
+            ago = time.time() - float(previous_exit.get("at") or 0)
+            if ago < OOM_HOLD_S:
+                del self.held[name]
+                raise LlmNbError(
+                    f"{name} was lost with the previous host (pid {held_on}), which the kernel's OOM killer ended "
+                    f"{ago:.0f} s ago; it is not loaded again by itself, as it would meet the same memory pressure. "
+                    f"Free memory (unload models, close notebooks that hold large data), then load it again with "
+                    f"`%llm_load {name}` or `llm_nb.load({name!r})`",
+                    code="host_oom_killed",
+                    status=503,
+                ) from None
 
 
 _default: Session | None = None

@@ -33,8 +33,10 @@ from typing import Any, Literal
 
 import requests
 
+from .config import stream_read_timeout
 from .connection import connection_path, read_connection
 from .errors import AuthenticationError, InvalidRequest, LlmNbError, error_from_json
+from .streams import Reply
 
 Protocol = Literal["auto", "openai", "practicus", "kserve-v2"]
 PROTOCOLS = ("openai", "practicus", "kserve-v2")
@@ -504,34 +506,25 @@ class _Sender:
         return result
 
     async def _read_stream(self, response, result: RequestResult, started: float) -> None:
-        parts: list[str] = []
+        reply = Reply(started)
         chunks = 0
-        finished = False
-        async for raw in response.content:
-            line = raw.decode("utf-8", "replace").strip()
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
-            chunk = json.loads(data)
-            if "error" in chunk:
-                result.error = str(error_from_json(chunk, 500))
-                return
-            if chunk.get("usage"):
-                result.completion_tokens = chunk["usage"].get("completion_tokens")
-                result.prompt_tokens = chunk["usage"].get("prompt_tokens")
-                result.tokens_counted = "usage"
-            for choice in chunk.get("choices") or []:
-                finished = finished or bool(choice.get("finish_reason"))
-                piece = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
-                if piece:
-                    if result.ttft_s is None:
-                        result.ttft_s = time.perf_counter() - started
-                    chunks += 1
-                    parts.append(piece)
-        result.text = "".join(parts)
-        if not finished:
+        try:
+            async for raw in response.content:
+                piece = reply.take_line(raw)
+                if piece is None:
+                    break
+                chunks += bool(piece)
+        except LlmNbError as exc:  # an error the server sent in the stream
+            result.error = str(exc)
+            return
+        finally:
+            result.text = reply.text
+            result.ttft_s = reply.first_token_s
+        if reply.usage:
+            result.completion_tokens = reply.usage.get("completion_tokens")
+            result.prompt_tokens = reply.usage.get("prompt_tokens")
+            result.tokens_counted = "usage"
+        if not reply.finished:
             # llama_cpp.server, for one, ends a running stream this way when another request comes in.
             result.error = "the stream ended without a finish_reason: the server cut the answer off"
             return
@@ -618,7 +611,8 @@ async def afire(
     protocol = detect_protocol(api_url) if protocol == "auto" else protocol
     if protocol not in PROTOCOLS:
         raise InvalidRequest(f"protocol must be auto, {', '.join(PROTOCOLS)}; not {protocol!r}")
-    if token is None and (api_key or await asyncio.to_thread(_local_key, api_url)):
+    local_host = await asyncio.to_thread(_local_key, api_url) is not None
+    if token is None and (api_key or local_host):
         token = await asyncio.to_thread(get_session_token, api_url, api_key)
     extra = dict(params or {})
     if protocol == "openai":
@@ -639,7 +633,12 @@ async def afire(
         model = _kserve_parts(api_url)[1]
         extra.update({k: v for k, v in (("max_tokens", max_tokens), ("temperature", temperature)) if v is not None})
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+    # This machine's host sends heartbeats on its streams, so a stream silent past a few of them means the
+    # host hung or went: that request fails in seconds instead of stalling the run. Other servers send none.
+    heartbeats = local_host and stream and protocol == "openai" and payload_builder is None
+    sock_read = stream_read_timeout() if heartbeats else None
+    client_timeout = aiohttp.ClientTimeout(total=timeout, sock_read=sock_read)
+    async with aiohttp.ClientSession(connector=connector, timeout=client_timeout) as session:
         sender = _Sender(
             session, api_url, protocol, token, model, stream, extra, system_context, retries, backoff,
             input_name, payload_builder,

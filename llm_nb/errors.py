@@ -8,6 +8,7 @@ that body back into the same class.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 
@@ -136,3 +137,8 @@ def error_from_json(body: Any, status: int) -> LlmNbError:
         if code:
             exc.code = code
     return exc
+
+
+def print_notice(message: str) -> None:
+    """A one-line notice that is not an error (``started a new host: ...``), where errors go: stderr."""
+    print(f"llm-nb: {message}", file=sys.stderr, flush=True)

@@ -45,6 +45,7 @@ class Panel(w.VBox):
         self._poll_client = None
 
         self.header = w.HTML("<b>llm-nb</b> · connecting…")
+        self.host_notice = w.HTML("")  # "started a new host: the previous one ... was killed by SIGKILL"
         self.memory = w.FloatProgress(value=0, min=0, max=1, description="memory", bar_style="success")
         self.memory_label = w.Label("")
         self.models = w.HTML("")
@@ -76,6 +77,7 @@ class Panel(w.VBox):
         super().__init__(
             [
                 self.header,
+                self.host_notice,
                 w.HBox([self.memory, self.memory_label]),
                 self.models,
                 w.HBox([self.model_box, self.load_button, self.unload_button, self.force, self.close_button]),
@@ -110,13 +112,19 @@ class Panel(w.VBox):
     def _guard(self, target):
         def run() -> None:
             try:
-                target()
+                with self.session.notices_to(self._notice):  # "started a new host: ..." shows in the panel
+                    target()
             except LlmNbError as exc:
                 self._say(_one_line(exc), error=True)
             except Exception as exc:  # a panel thread must report, never die silently
                 self._say(f"{type(exc).__name__}: {exc}", error=True)
 
         return run
+
+    def _notice(self, text: str) -> None:
+        """What happened to the host (a new one was started, and how the previous one ended): stays in view."""
+        stamp = datetime.now().strftime("%H:%M:%S")
+        self.host_notice.value = f'<span style="color:var(--jp-warn-color1, #a60)">{stamp} · {html.escape(text)}</span>'
 
     def _say(self, text: str, error: bool = False) -> None:
         color = "var(--jp-error-color1, #c00)" if error else "inherit"
@@ -128,7 +136,7 @@ class Panel(w.VBox):
 
         # Its own client: status polls never share a connection with the user's calls, and never
         # start a host (a panel watching should not bring back a host that was stopped).
-        self._poll_client = Client(self.session.connection, autostart=False, timeout=10)
+        self._poll_client = Client(self.session.connection, autostart=False, timeout=10, on_notice=self._notice)
         try:
             self.model_box.options = sorted({DEFAULT_MODEL, *self._poll_client.catalog()})
         except (LlmNbError, OSError):
@@ -148,7 +156,9 @@ class Panel(w.VBox):
         if client is None:
             from .client import Client
 
-            client = self._poll_client = Client(self.session.connection, autostart=False, timeout=10)
+            client = self._poll_client = Client(
+                self.session.connection, autostart=False, timeout=10, on_notice=self._notice
+            )
         status = Status(client.status())
         self.polls += 1
         self.last_status = status

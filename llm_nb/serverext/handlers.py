@@ -19,6 +19,7 @@ from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import web
 from tornado.iostream import StreamClosedError
 
+from ..config import stream_read_timeout
 from ..errors import HostUnavailable, InvalidRequest, LlmNbError, error_from_json
 from .supervisor import tail
 
@@ -108,8 +109,9 @@ def _auth(info: dict) -> dict:
 
 
 def _host_gone(exc: BaseException) -> HostUnavailable:
+    why = str(exc) or f"nothing for {stream_read_timeout():.0f} s, not even a heartbeat"
     return HostUnavailable(
-        f"the model host stopped answering ({exc}); the LLM panel shows whether it is being restarted"
+        f"the model host stopped answering ({why}); the LLM panel shows whether it is being restarted"
     )
 
 
@@ -231,8 +233,10 @@ class ChatHandler(LlmNbHandler):
         info = await self._host(start=True)
         streaming = False
         try:
+            # The host's stream carries heartbeats: silence past a few of them means it hung or died.
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=stream_read_timeout())
             async with self.ext.http().post(
-                info["url"] + "/v1/chat/completions", json=body, headers=_auth(info)
+                info["url"] + "/v1/chat/completions", json=body, headers=_auth(info), timeout=timeout
             ) as response:
                 if response.status >= 400:
                     self.pass_through(response.status, await response.read(), response.content_type)
@@ -247,7 +251,7 @@ class ChatHandler(LlmNbHandler):
                         await self.flush()
                     except StreamClosedError:
                         return  # the browser stopped reading; leaving closes the host stream, which cancels
-        except (aiohttp.ClientConnectionError, OSError) as exc:
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError, OSError) as exc:
             if not streaming:
                 raise _host_gone(exc) from None
             error = _host_gone(exc).to_json()
