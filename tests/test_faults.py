@@ -35,13 +35,18 @@ def test_kill_9_of_the_host_mid_stream_gives_a_clear_error_and_the_next_call_sta
         for _ in pieces:
             pass
     assert time.monotonic() - killed < 2
-    assert "went away" in str(caught.value)
+    assert f"host (pid {first_pid}) was killed by SIGKILL during this call" in str(caught.value)
+    assert "not restarted inside the call" in str(caught.value)
     assert stream.text, "the partial reply is kept"
+    assert client.locator.notices == [], "no host was started by the failing call"
 
     with pytest.raises(ModelNotFound):  # a new host, with nothing loaded yet
         client.chat("hello?", "smollm2", max_tokens=3)
     second_pid = client.host_info()["pid"]
     assert second_pid != first_pid
+    assert client.locator.notices == [
+        f"started a new host (pid {second_pid}): the previous one (pid {first_pid}) was killed by SIGKILL"
+    ]
     client.load("smollm2")
     assert client.chat("hello again", "smollm2", max_tokens=3)
     psutil.Process(second_pid).terminate()

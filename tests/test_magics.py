@@ -270,10 +270,15 @@ def test_magic_restarts_a_host_that_died(shell, host, outputs, capsys):
     new_pid = None
     try:
         shell.run_cell("%%llm_chat --max-tokens 8 --temperature 0 -o after\nSay hi.")
-        assert capsys.readouterr().err == ""
+        err = capsys.readouterr().err
         assert shell.user_ns["after"]
         new_pid = read_connection(host.connection_file)["pid"]
         assert new_pid != old_pid
+        # One line says that a host was started, and why (this test's host was started without a launcher).
+        assert err.splitlines() == [
+            f"llm-nb: started a new host (pid {new_pid}): the previous one (pid {old_pid}) is gone "
+            "(how it ended was not recorded)"
+        ]
         status = Client(host.connection_file, autostart=False).status()
         assert [m["name"] for m in status["models"]] == ["smollm2"]  # loaded again, for this chat
         assert magics.session.history()[-1]["content"] == shell.user_ns["after"]
