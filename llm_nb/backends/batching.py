@@ -144,6 +144,8 @@ class BatchEngine:
         self._stopping = False
         forward = inspect.signature(model.forward).parameters
         self._logits_to_keep = "logits_to_keep" in forward
+        # transformers renamed forward's ``past_key_values`` to ``cache`` (the old name goes in 5.40).
+        self._cache_arg = "cache" if "cache" in forward else "past_key_values"
         self._thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
         self._thread.start()
 
@@ -239,9 +241,10 @@ class BatchEngine:
         ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)
         cache = DynamicCache()
         kwargs = {"logits_to_keep": 1} if self._logits_to_keep else {}
-        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, **kwargs)
+        kwargs[self._cache_arg] = cache
+        out = self.model(input_ids=ids, use_cache=True, **kwargs)
         self.steps += 1
-        return out.past_key_values, self._sample(seq, out.logits[0, -1].float())
+        return _returned_cache(out), self._sample(seq, out.logits[0, -1].float())
 
     def _merge(self, seq: Sequence, cache, token: int) -> None:
         torch = self.torch
@@ -307,10 +310,10 @@ class BatchEngine:
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=self.cache,
             use_cache=True,
+            **{self._cache_arg: self.cache},
         )
-        self.cache, self.mask = out.past_key_values, mask
+        self.cache, self.mask = _returned_cache(out), mask
         self.steps += 1
         logits = out.logits[:, -1, :].float()
         greedy = logits.argmax(dim=-1).tolist()
@@ -393,6 +396,12 @@ def _apply_penalties(torch, logits, seq: Sequence):
             0, index, -(times * (request.frequency_penalty or 0.0) + (request.presence_penalty or 0.0))
         )
     return logits
+
+
+def _returned_cache(out: Any) -> Any:
+    """The KV cache a forward returned: ``cache`` in newer transformers, ``past_key_values`` before."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def _pad_left(tensor, amount: int):
