@@ -156,7 +156,9 @@ class HostLocator:
 
     def find(self, refresh: bool = False) -> dict:
         with self._lock:
-            if self.info is not None and not refresh:
+            # A host whose process is gone is found missing here, before anything is sent (so a pooled
+            # connection to it is never tried, which would look like a call the host died under).
+            if self.info is not None and not refresh and pid_alive(self.info.get("pid")):
                 return self.info
             previous = self.info or read_connection(self.connection_file)
             info = live_host(self.connection_file)
