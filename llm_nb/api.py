@@ -25,6 +25,7 @@ again by themselves: the error says why and what to do.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -289,20 +290,15 @@ class Session:
         self.notices.append(message)
         (getattr(self._notice_target, "handler", None) or self.on_notice)(message)
 
-    def notices_to(self, handler: Callable[[str], None]):
-        """Within this ``with`` block, this thread's notices go to ``handler`` (the widget panel's message line)."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def redirect():
-            previous = getattr(self._notice_target, "handler", None)
-            self._notice_target.handler = handler
-            try:
-                yield
-            finally:
-                self._notice_target.handler = previous
-
-        return redirect()
+    @contextlib.contextmanager
+    def notices_to(self, handler: Callable[[str], None]) -> Iterator[None]:
+        """Within this ``with`` block, this thread's notices go to ``handler`` (the widget panel's notice line)."""
+        previous = getattr(self._notice_target, "handler", None)
+        self._notice_target.handler = handler
+        try:
+            yield
+        finally:
+            self._notice_target.handler = previous
 
     def current_model(self, model: str | None = None) -> str:
         return model or self.model or DEFAULT_MODEL
