@@ -34,19 +34,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_batching import PROMPTS as ALL_PROMPTS  # noqa: E402  (the same prompts as the CPU benchmark)
+
 from llm_nb.config import format_bytes  # noqa: E402
 
 GIVE_BACK_AT_LEAST = 0.95
-PROMPTS = [
-    "Write a short story about a lighthouse keeper and a storm.",
-    "Explain how a bicycle stays upright.",
-    "List five uses of a paperclip and explain each.",
-    "Describe the water cycle to a ten-year-old.",
-    "What are the main differences between cats and dogs as pets?",
-    "Give me a recipe for a simple tomato soup.",
-    "Why is the sky blue? Explain step by step.",
-    "Write a friendly email inviting a colleague to lunch.",
-]
+PROMPTS = ALL_PROMPTS[:8]
 
 
 def why_no_gpu() -> str | None:

@@ -111,6 +111,24 @@ def start_host(path: Path, timeout: float = HOST_START_TIMEOUT_S) -> dict:
     return spawn_host(path, timeout)[0]
 
 
+def _caused_by(exc: BaseException, kinds: tuple[type, ...]) -> bool:
+    """True if ``exc`` or anything it wraps (args, ``reason``, cause, context) is one of ``kinds``.
+
+    requests and aiohttp wrap the socket's own error a few layers deep.
+    """
+    stack, seen = [exc], set()
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, kinds):
+            return True
+        stack.extend(arg for arg in getattr(current, "args", ()) if isinstance(arg, BaseException))
+        stack.extend([getattr(current, "reason", None), current.__cause__, current.__context__])
+    return False
+
+
 def nothing_sent(exc: BaseException) -> bool:
     """True when a request failed before it reached the host: the connection was refused or never made.
 
@@ -123,17 +141,7 @@ def nothing_sent(exc: BaseException) -> bool:
     refused: tuple[type, ...] = (ConnectionRefusedError, NewConnectionError, requests.exceptions.ConnectTimeout)
     if aiohttp is not None:
         refused += (aiohttp.ClientConnectorError,)
-    stack, seen = [exc], set()
-    while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, refused):
-            return True
-        stack.extend(arg for arg in getattr(current, "args", ()) if isinstance(arg, BaseException))
-        stack.extend([getattr(current, "reason", None), current.__cause__, current.__context__])
-    return False
+    return _caused_by(exc, refused)
 
 
 class HostLocator:
@@ -216,15 +224,7 @@ class HostLocator:
 def _read_timed_out(exc: BaseException) -> bool:
     from urllib3.exceptions import ReadTimeoutError
 
-    current: BaseException | None = exc
-    for _ in range(8):
-        if current is None:
-            return False
-        if isinstance(current, (ReadTimeoutError, requests.exceptions.ReadTimeout, TimeoutError)):
-            return True
-        args = [a for a in getattr(current, "args", ()) if isinstance(a, BaseException)]
-        current = args[0] if args else (current.__cause__ or current.__context__)
-    return False
+    return _caused_by(exc, (ReadTimeoutError, requests.exceptions.ReadTimeout, TimeoutError))
 
 
 class ChatStream(ReplyView):
