@@ -5,14 +5,8 @@ lease on it, and talk to it over HTTP. Importing this package stays light (no
 torch, transformers or llama_cpp), so it is safe in every kernel.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("llm-nb")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0"
-
-from .errors import LlmNbError  # noqa: E402
+from ._version import __version__
+from .errors import LlmNbError
 
 __all__ = ["LlmNbError", "__version__"]
 

@@ -211,7 +211,7 @@ def cmd_host(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
 
     parser = argparse.ArgumentParser(prog="llm-nb", description="One shared model host for all your notebooks.")
     parser.add_argument("--version", action="version", version=f"llm-nb {__version__}")

@@ -8,7 +8,7 @@ import time
 
 from aiohttp import web
 
-from .. import __version__
+from .._version import __version__
 from ..catalog import catalog_entries, resolve
 from ..config import heartbeat_interval, parse_duration
 from ..errors import InvalidRequest, LlmNbError, ModelNotFound

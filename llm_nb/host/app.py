@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .. import __version__
+from .._version import __version__
 from ..backends.remote import RemoteEngine
 from ..config import Settings, parse_duration, parse_size
 from ..connection import connection_path, live_host, pid_alive, remove_if_ours, write_connection

@@ -25,7 +25,7 @@ import psutil
 from jupyter_server.extension.application import ExtensionApp
 from traitlets import Dict, Enum, Float, Int, TraitError, Unicode, default, validate
 
-from .. import __version__
+from .._version import __version__
 from ..config import parse_duration, parse_size
 from ..connection import CONNECTION_ENV
 from ..errors import LlmNbError
