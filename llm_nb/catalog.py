@@ -29,7 +29,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_MODEL
+from .config import DEFAULT_MODEL, user_catalog_file
 from .errors import InvalidRequest, ModelNotFound
 
 BACKENDS = ("llamacpp", "transformers", "remote")
@@ -83,9 +83,9 @@ def smollm2_path() -> str | None:
 
 
 def user_catalog_path() -> Path:
-    env = os.environ.get("LLM_NB_CATALOG")
-    if env:
-        return Path(env).expanduser()
+    named = user_catalog_file()
+    if named is not None:
+        return named
     import platformdirs
 
     return Path(platformdirs.user_config_dir("llm-nb")) / "catalog.json"

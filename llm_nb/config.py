@@ -95,18 +95,16 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
-        conn = _env("CONNECTION")
         budget = _env("MEMORY_BUDGET")
-        catalog = _env("CATALOG")
         return cls(
-            connection_file=Path(conn) if conn else None,
+            connection_file=connection_setting(),
             port=int(_env("PORT", "0")),
             memory_budget=parse_size(budget) if budget else None,
             keep_alive=parse_duration(_env("KEEP_ALIVE", str(DEFAULT_KEEP_ALIVE_S))),
             max_queue=int(_env("MAX_QUEUE", "64")),
             max_body_bytes=parse_size(_env("MAX_BODY", str(8 * 1024 * 1024))),
             worker_grace=float(_env("WORKER_GRACE", "5")),
-            catalog_file=Path(catalog) if catalog else None,
+            catalog_file=user_catalog_file(),
         )
 
 
@@ -123,3 +121,40 @@ def stream_read_timeout() -> float:
     """How long a reader waits for a byte before calling the host silent: a little over the heartbeat."""
     interval = heartbeat_interval()
     return max(3 * interval, interval + 5.0)
+
+
+# --- settings of one part each ---------------------------------------------------------------
+def user_catalog_file() -> Path | None:
+    """The user's model catalog as ``LLM_NB_CATALOG`` names it (None: ``catalog.json`` in the user config dir)."""
+    value = _env("CATALOG")
+    return Path(value).expanduser() if value else None
+
+
+def worker_stream_interval() -> float:
+    """Seconds a worker lets tokens gather between two writes of a stream (``LLM_NB_STREAM_INTERVAL``)."""
+    return float(_env("STREAM_INTERVAL", "0.05"))
+
+
+def host_log_level() -> str:
+    """The host's log level, unless ``--log-level`` says otherwise (``LLM_NB_LOG_LEVEL``)."""
+    return _env("LOG_LEVEL", "INFO")
+
+
+def setting_text(name: str, default: str = "") -> str:
+    """``LLM_NB_<name>`` as it is written (``default`` when unset or empty), for a front end that parses it itself.
+
+    The Jupyter server extension takes its traits' defaults from here, so that a typo is
+    reported against the trait's name (``LlmNbExtension.memory_budget``) when it is checked.
+    """
+    return _env(name, default) or default
+
+
+def connection_setting() -> Path | None:
+    """The connection file ``LLM_NB_CONNECTION`` names (set by the Jupyter server extension for its kernels)."""
+    value = _env("CONNECTION")
+    return Path(value).expanduser() if value else None
+
+
+def client_name() -> str | None:
+    """How leases taken by this process are named in status and the panels (``LLM_NB_CLIENT_NAME``)."""
+    return _env("CLIENT_NAME")

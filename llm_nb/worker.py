@@ -46,11 +46,12 @@ from typing import Any
 from aiohttp import web
 
 from .catalog import ModelSpec
+from .config import worker_stream_interval
 from .errors import InvalidRequest, LlmNbError
 
 log = logging.getLogger("llm_nb.worker")
 _END = object()
-STREAM_INTERVAL_S = float(os.environ.get("LLM_NB_STREAM_INTERVAL", "0.05"))
+STREAM_INTERVAL_S = worker_stream_interval()
 
 
 def die_with_parent(parent_pid: int) -> None:

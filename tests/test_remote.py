@@ -1,16 +1,20 @@
-"""Remote engines as models, against llama-cpp-python's own OpenAI server on loopback."""
+"""Remote engines as models, against llama-cpp-python's own OpenAI server on loopback (and a scripted one)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import openai
 import pytest
 import requests
+from aiohttp import web
 
 from llm_nb.catalog import smollm2_path
 from llm_nb.errors import LlmNbError, ModelFailed, ModelNotFound, RemoteError
@@ -174,7 +178,6 @@ def test_a_remote_that_dies_mid_stream_gives_a_clear_error(host):
 
 
 def test_user_catalog_can_name_remote_models(remote, host_factory, tmp_path):
-    import json
 
     host = host_factory(REMOTE_API_KEY=REMOTE_KEY)
     (tmp_path / "catalog.json").write_text(
@@ -195,3 +198,92 @@ def test_user_catalog_can_name_remote_models(remote, host_factory, tmp_path):
     loaded = client.load("team-llm")
     assert loaded["model"]["backend"] == "remote" and loaded["model"]["url"] == remote.url
     assert client.chat("hi", "team-llm", max_tokens=3)
+
+
+class FakeRemote:
+    """A scripted OpenAI-compatible server on loopback, for answers llama_cpp.server never gives."""
+
+    def __init__(self):
+        self.bodies: list[dict] = []
+        app = web.Application()
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/embeddings", self.embeddings)
+        self.loop = asyncio.new_event_loop()
+        self.runner = web.AppRunner(app)
+        self.loop.run_until_complete(self.runner.setup())
+        self.port = free_port()
+        self.loop.run_until_complete(web.TCPSite(self.runner, "127.0.0.1", self.port).start())
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    async def models(self, request):
+        return web.json_response({"data": [{"id": "fake-7b"}]})
+
+    async def chat(self, request):
+        body = await request.json()
+        self.bodies.append(body)
+        if body["messages"][-1]["content"] == "busy":
+            return web.json_response(
+                {"error": {"message": "too many requests"}}, status=429, headers={"Retry-After": "7"}
+            )
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for piece, finish in (("Hel", None), ("lo", None), ("", "stop")):
+            choice = {"index": 0, "delta": {"content": piece} if piece else {}, "finish_reason": finish}
+            await response.write(f"data: {json.dumps({'model': 'fake-7b', 'choices': [choice]})}\n\n".encode())
+        usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+        await response.write(f"data: {json.dumps({'model': 'fake-7b', 'choices': [], 'usage': usage})}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    async def embeddings(self, request):
+        body = await request.json()
+        self.bodies.append(body)
+        rows = [{"index": i, "embedding": [float(i), 1.0, 2.0]} for i in range(len(body["input"]))]
+        return web.json_response({"data": rows[::-1], "usage": {"prompt_tokens": 4, "total_tokens": 4}})
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def test_a_remote_is_shaped_like_a_local_model_usage_busy_answers_and_embeddings_included(host):
+    fake = FakeRemote()
+    try:
+        client = host.client()
+        client.load("fake", backend="remote", url=fake.url)
+        headers = {"Authorization": f"Bearer {host.key}"}
+        busy = requests.post(
+            host.url + "/v1/chat/completions",
+            json={"model": "fake", "messages": [{"role": "user", "content": "busy"}]},
+            headers=headers,
+            timeout=10,
+        )
+        assert busy.status_code == 429 and busy.headers["Retry-After"] == "7"
+        assert busy.json()["error"]["code"] == "queue_full"
+
+        via = openai.OpenAI(base_url=host.url + "/v1", api_key=host.key, max_retries=0)
+        chunks = list(
+            via.chat.completions.create(
+                model="fake",
+                messages=[{"role": "user", "content": "hi"}],
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"top_k": 3},  # a sampling option beyond OpenAI's reaches the remote
+            )
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello"
+        assert [c.usage.completion_tokens for c in chunks if c.usage] == [2]
+        assert {c.model for c in chunks} == {"fake"}
+        sent = fake.bodies[-1]
+        assert sent["model"] == "fake-7b" and sent["stream"] and sent["stream_options"] == {"include_usage": True}
+        assert sent["top_k"] == 3
+
+        embedded = via.embeddings.create(model="fake", input=["a", "b", "c"])
+        assert [e.embedding[0] for e in embedded.data] == [0.0, 1.0, 2.0] and embedded.usage.prompt_tokens == 4
+        assert client.status()["models"][0]["requests_served"] == 2, "the refused request is not counted"
+    finally:
+        fake.stop()

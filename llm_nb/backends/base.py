@@ -98,7 +98,7 @@ class Backend:
 _BACKEND_MODULES = {
     "llamacpp": ("llm_nb.backends.llamacpp", "LlamaCppBackend", "llama-cpp-python"),
     "transformers": ("llm_nb.backends.transformers", "TransformersBackend", "llm-nb[transformers]"),
-    "deployment": ("llm_nb.backends.deployment", "DeploymentBackend", "llm-nb"),
+    "deployment": ("llm_nb.backends.user_code", "DeploymentBackend", "llm-nb"),
     "transformers-task": ("llm_nb.backends.tasks", "PipelineBackend", "llm-nb[transformers]"),
 }
 

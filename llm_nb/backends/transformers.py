@@ -6,7 +6,8 @@ thread of the worker, join one running batch, so the host may send
 ``parallel`` requests at once. Encoder models (BERT-style) make embeddings:
 mean pooling over real tokens, L2-normalised.
 
-Options (``spec.options``, from ``--device/--dtype/--quantize`` or the load API):
+Options (``spec.options``, from ``--device/--dtype/--quantize`` or the load API; checked
+and placed by ``llm_nb.backends.transformers_options``):
 
 ``device``      ``auto`` (CUDA when torch sees one, else CPU), ``cpu``, ``cuda``, ``cuda:N``
 ``dtype``       ``auto`` (float32 on CPU; the checkpoint's 16-bit type, else bfloat16, on CUDA),
@@ -21,43 +22,26 @@ Options (``spec.options``, from ``--device/--dtype/--quantize`` or the load API)
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from ..errors import BackendUnavailable, ContextLengthExceeded, InvalidRequest, ModelFailed
-from .base import Backend, GenerationEvent, GenerationRequest, Progress, coerce_option
+from .base import Backend, GenerationEvent, GenerationRequest, Progress
+from .transformers_options import (
+    check_quantize,
+    check_task,
+    coerce_options,
+    config_json,
+    is_generative,
+    model_location,
+    positions,
+    resolve_device,
+    resolve_dtype,
+)
 
-#: Options a load may set, with their types; anything else is refused by name.
-LOAD_OPTIONS: dict[str, type] = {
-    "device": str,
-    "dtype": str,
-    "quantize": str,
-    "gguf_file": str,
-    "n_ctx": int,
-    "max_batch": int,
-    "n_threads": int,
-    "trust_remote_code": bool,
-    "attn_implementation": str,
-}
 DEFAULT_MAX_CTX = 4096
-DTYPES = {
-    "auto": "auto",
-    "float32": "float32",
-    "fp32": "float32",
-    "float": "float32",
-    "float16": "float16",
-    "fp16": "float16",
-    "half": "float16",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-}
-QUANTIZE = {"4bit": "4bit", "4": "4bit", "int4": "4bit", "nf4": "4bit", "8bit": "8bit", "8": "8bit", "int8": "8bit"}
-EMBEDDING_TASKS = {"embed", "embedding", "embeddings", "feature-extraction", "sentence-similarity"}
-GENERATION_TASKS = {"generate", "text-generation", "chat", "completion"}
 #: The fallback chat template for tokenizers that carry none (most instruct GGUFs do carry one).
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -67,149 +51,16 @@ CHATML_TEMPLATE = (
 )
 
 
-def coerce_options(options: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in (options or {}).items():
-        if value is not None or key not in LOAD_OPTIONS:
-            out[key] = coerce_option("transformers", key, value, LOAD_OPTIONS)
-    dtype = str(out.get("dtype", "auto")).lower()
-    if dtype not in DTYPES:
-        raise InvalidRequest(f"dtype {dtype!r} is not one of auto, float16, bfloat16, float32")
-    out["dtype"] = DTYPES[dtype]
-    if out.get("quantize"):
-        quantize = str(out["quantize"]).lower()
-        if quantize in ("none", "no", "off", ""):
-            out.pop("quantize")
-        elif quantize not in QUANTIZE:
-            raise InvalidRequest(f"quantize {quantize!r} is not one of 4bit, 8bit")
-        else:
-            out["quantize"] = QUANTIZE[quantize]
-    for key in ("n_ctx", "max_batch", "n_threads"):
-        if key in out and out[key] <= 0:
-            raise InvalidRequest(f"option {key} must be positive, not {out[key]}")
-    out["device"] = str(out.get("device", "auto")).lower()
-    return out
-
-
-def resolve_device(torch, wanted: str):
-    """The torch device for ``wanted``, or an error that says what is missing."""
-    if wanted == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    if wanted == "cpu":
-        return torch.device("cpu")
-    if wanted == "cuda" or wanted.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-            raise BackendUnavailable(
-                f"device={wanted!r} was asked for, but torch {torch.__version__} ({build}) sees no CUDA GPU; "
-                "load with --device cpu (or auto), or run the host where a GPU and a CUDA build of torch are"
-            )
-        index = 0 if wanted == "cuda" else wanted.split(":", 1)[1]
-        try:
-            index = int(index)
-        except ValueError:
-            raise InvalidRequest(f"device {wanted!r} is not cuda:N") from None
-        count = torch.cuda.device_count()
-        if not 0 <= index < count:
-            raise InvalidRequest(f"device {wanted!r} does not exist: this machine has {count} CUDA device(s)")
-        return torch.device(f"cuda:{index}")
-    if wanted == "mps" and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    raise InvalidRequest(f"device {wanted!r} is not one of auto, cpu, cuda, cuda:N")
-
-
-def resolve_dtype(torch, wanted: str, device, stored: str | None):
-    """float32 on CPU unless asked (half precision is slow there); 16-bit on a GPU."""
-    if wanted != "auto":
-        return getattr(torch, wanted)
-    if device.type == "cpu":
-        return torch.float32
-    if stored == "float16":
-        return torch.float16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
-
-
-def model_location(path: str | None, options: dict[str, Any]) -> tuple[Path, str | None]:
-    """(folder, gguf file name or None) for a spec's path and options."""
-    if not path:
-        raise ModelFailed("the transformers backend needs a path: a Hugging Face model folder or a .gguf file")
-    location = Path(path)
-    if not location.exists():
-        raise ModelFailed(f"{path} does not exist")
-    if location.is_file():
-        if location.suffix.lower() != ".gguf":
-            raise ModelFailed(f"{path} is a file but not a .gguf; give the model's folder instead")
-        return location.parent, location.name
-    gguf = options.get("gguf_file")
-    if gguf:
-        if not (location / gguf).is_file():
-            raise ModelFailed(f"gguf_file {gguf!r} is not in {path}")
-        return location, gguf
-    if not (location / "config.json").is_file():
-        raise ModelFailed(f"{path} has no config.json: it is not a Hugging Face model folder")
-    return location, None
-
-
-def _config_json(folder: Path) -> dict:
-    try:
-        return json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _check_task(task: str | None) -> None:
-    if task and task not in GENERATION_TASKS | EMBEDDING_TASKS:
-        from .tasks import TASKS
-
-        raise InvalidRequest(
-            f"unknown task {task!r} for the transformers backend; choose one of "
-            f"{', '.join(sorted(GENERATION_TASKS | EMBEDDING_TASKS | set(TASKS)))}, or none to tell from the model"
-        )
-
-
-def _positions(config: dict) -> int | None:
-    """The most positions a model's config allows, if it says."""
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        value = config.get(key)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def _is_generative(config: dict, task: str | None, gguf: bool = False) -> bool:
-    if task in EMBEDDING_TASKS:
-        return False
-    if task in GENERATION_TASKS:
-        return True
-    _check_task(task)
-    if gguf:  # transformers reads GGUF files as causal LMs only
-        return True
-    if config.get("is_encoder_decoder"):
-        raise InvalidRequest(
-            f"{config.get('model_type')!r} is an encoder-decoder model, which this backend does not serve; "
-            "use a decoder-only (causal LM) or an encoder (embeddings) model"
-        )
-    architectures = config.get("architectures") or []
-    if architectures:
-        return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    encoders = ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "mpnet", "deberta", "deberta-v2")
-    return config.get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.get("model_type") not in encoders
-
-
 class TransformersBackend(Backend):
     name = "transformers"
     parallel = 8
 
     def load(self, progress: Progress) -> None:
         options = coerce_options(self.spec.options)
-        _check_task(self.spec.task)
+        check_task(self.spec.task)
         folder, gguf_file = model_location(self.spec.path, options)
-        config = {} if gguf_file else _config_json(folder)
-        self.generative = _is_generative(config, self.spec.task, gguf=bool(gguf_file))
+        config = {} if gguf_file else config_json(folder)
+        self.generative = is_generative(config, self.spec.task, gguf=bool(gguf_file))
         if gguf_file and not self.generative:
             raise InvalidRequest("a GGUF file holds a generative model here; embeddings need an encoder folder")
         if options.get("quantize") and gguf_file:
@@ -218,7 +69,7 @@ class TransformersBackend(Backend):
                 "drop --quantize, or load the GGUF with the llamacpp backend"
             )
         # A context the model cannot hold is refused before gigabytes are read (GGUF: after).
-        self._check_ctx(options.get("n_ctx"), _positions(config))
+        self._check_ctx(options.get("n_ctx"), positions(config))
         self.options = options
         self.gguf_file = gguf_file
         self.folder = folder
@@ -235,7 +86,7 @@ class TransformersBackend(Backend):
         self.torch = torch
         device = resolve_device(torch, options["device"])
         if options.get("quantize"):
-            self._check_quantize(torch, device, options)
+            check_quantize(device, options)
         if device.type == "cpu":
             # Leave a core to the host and this worker's streaming loop: when torch's
             # intra-op threads take every core, each parallel region waits on a thread
@@ -315,30 +166,12 @@ class TransformersBackend(Backend):
             self.embed_lock = threading.Lock()
         progress("ready", 1.0)
 
-    def _check_quantize(self, torch, device, options: dict[str, Any]) -> None:
-        bits = options["quantize"]
-        if device.type != "cuda":
-            if options["device"] == "auto":
-                raise BackendUnavailable(
-                    f"quantize={bits} runs through bitsandbytes on a CUDA GPU, and torch sees none here; "
-                    "load without --quantize (on CPU) or on a machine with a GPU"
-                )
-            raise InvalidRequest(
-                f"quantize={bits} needs device cuda (bitsandbytes), not {device}; drop --quantize or use --device cuda"
-            )
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError as exc:
-            raise BackendUnavailable(
-                f"quantize={bits} needs bitsandbytes ({exc}); install it with `pip install bitsandbytes`"
-            ) from exc
-
     def _check_ctx(self, wanted: int | None, positions: int | None) -> None:
         if wanted and positions and wanted > positions:
             raise InvalidRequest(f"n_ctx={wanted} is more than {self.spec.name!r} supports ({positions} positions)")
 
     def _max_positions(self) -> int | None:
-        value = _positions(self.model_config.to_dict())
+        value = positions(self.model_config.to_dict())
         if value:
             return value
         limit = getattr(self.tokenizer, "model_max_length", None)

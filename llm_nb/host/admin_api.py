@@ -11,9 +11,10 @@ from aiohttp import web
 from .._version import __version__
 from ..catalog import catalog_entries, resolve
 from ..config import heartbeat_interval, parse_duration
-from ..errors import InvalidRequest, LlmNbError, ModelNotFound
-from .http import PRINCIPAL, read_json
-from .registry import Lease, Registry
+from ..errors import InvalidRequest, ModelNotFound
+from .http import PRINCIPAL, end_progress, read_json
+from .loaded import Lease
+from .registry import Registry
 from .schemas import LoadRequest, UnloadRequest, parse
 from .workers import tail
 
@@ -75,7 +76,7 @@ async def events(request: web.Request) -> web.StreamResponse:
 
 @routes.get("/api/catalog")
 async def catalog(request: web.Request) -> web.Response:
-    return web.json_response({"models": catalog_entries()})
+    return web.json_response({"models": catalog_entries(request.app["settings"].catalog_file)})
 
 
 def _lease(request: web.Request, client) -> Lease:
@@ -98,6 +99,7 @@ async def load(request: web.Request) -> web.StreamResponse:
         remote_model=body.remote_model,
         api_key_env=body.api_key_env,
         task=body.task,
+        catalog_path=request.app["settings"].catalog_file,
     )
     keep_alive = parse_duration(body.keep_alive) if body.keep_alive is not None else None
     lease = _lease(request, body.client)
@@ -134,13 +136,7 @@ async def load(request: web.Request) -> web.StreamResponse:
         elif time.monotonic() - written >= heartbeat:  # waiting (for memory, for another load): say so
             await response.write(b"\n")
             written = time.monotonic()
-    try:
-        event = {"event": "done", **result()}
-    except LlmNbError as exc:
-        event = {"event": "error", **exc.to_json(), "status": exc.status}
-    await response.write((json.dumps(event) + "\n").encode())
-    await response.write_eof()
-    return response
+    return await end_progress(response, result)
 
 
 @routes.post("/api/models/unload")
@@ -168,7 +164,8 @@ async def logs(request: web.Request) -> web.Response:
     except ValueError:
         raise InvalidRequest("lines must be a whole number") from None
     model = registry.models.get(name)
-    path = model.worker.log_path if model and model.worker else registry.log_dir / f"{name}.log"
+    path = model.runner.log_path if model and model.runner else None
+    path = path or registry.log_dir / f"{name}.log"
     if not path.exists():
         raise ModelNotFound(f"no log for model {name!r} on this host")
     return web.Response(text=tail(path, lines) + "\n", content_type="text/plain")

@@ -18,11 +18,10 @@ from pathlib import Path
 from aiohttp import web
 
 from .._version import __version__
-from ..backends.remote import RemoteEngine
-from ..config import Settings, parse_duration, parse_size
+from ..config import Settings, host_log_level, parse_duration, parse_size
 from ..connection import connection_path, live_host, pid_alive, remove_if_ours, write_connection
 from . import admin_api, kserve_api, memory, openai_api, openapi
-from .deployments import DeploymentManager, stop_all
+from .deployments import DeploymentManager, LiveDeployments, stop_all
 from .deployments import routes as deployment_routes
 from .http import error_middleware, make_auth_middleware
 from .registry import Registry
@@ -33,8 +32,13 @@ log = logging.getLogger("llm_nb.host")
 SHUTDOWN_GRACE_S = 10.0
 
 
-def create_app(settings: Settings, key: str, registry: Registry, info: dict) -> web.Application:
-    tokens = TokenIssuer()
+def create_app(settings: Settings, key: str, runtime: Path, info: dict) -> web.Application:
+    """The host's app; its registry (``app["registry"]``) is started and stopped by ``serve``."""
+    # The deployments' workers share the models' memory budget, and their credentials hold
+    # while they run: the registry and the token issuer ask the live deployments.
+    live = LiveDeployments()
+    tokens = TokenIssuer(deployment_alive=live.is_live)
+    registry = Registry(settings, runtime, other_costs=live.memory_costs)
     app = web.Application(
         middlewares=[error_middleware, make_auth_middleware(key, tokens.verify)],
         client_max_size=settings.max_body_bytes,
@@ -43,9 +47,8 @@ def create_app(settings: Settings, key: str, registry: Registry, info: dict) -> 
     app["registry"] = registry
     app["info"] = info
     app["stop_event"] = asyncio.Event()
-    registry.remote_factory = RemoteEngine.create
     app["tokens"] = tokens
-    app["deployments"] = DeploymentManager(settings, registry, tokens, info["url"])
+    app["deployments"] = DeploymentManager(settings, registry, tokens, info["url"], live)
     app.on_cleanup.append(stop_all)
     app.add_routes(admin_api.routes)
     app.add_routes(openai_api.routes)
@@ -104,8 +107,8 @@ async def serve(settings: Settings, parent_pid: int | None = None) -> int:
         "started": time.time(),
         "runtime_dir": str(runtime),
     }
-    registry = Registry(settings, runtime)
-    app = create_app(settings, key, registry, info)
+    app = create_app(settings, key, runtime, info)
+    registry: Registry = app["registry"]
     # handler_cancellation: a client that goes away cancels its request, and so its generation.
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_GRACE_S, access_log=None)
     await runner.setup()
@@ -167,7 +170,7 @@ def add_host_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--memory-budget", help="e.g. 6GiB (default: 90%% of GPU memory, else 50%% of RAM)")
     parser.add_argument("--keep-alive", help="seconds an unheld model stays loaded (default 300; -1 forever)")
-    parser.add_argument("--log-level", default=os.environ.get("LLM_NB_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-level", default=host_log_level())
     parser.add_argument(
         "--parent-pid", type=int, help="stop when this process ends (the Jupyter server that supervises the host)"
     )

@@ -131,6 +131,17 @@ async def error_middleware(request: web.Request, handler):
         return error_response(LlmNbError(f"internal error: {type(exc).__name__}: {exc}"))
 
 
+async def end_progress(response: web.StreamResponse, result: Callable[[], dict]) -> web.StreamResponse:
+    """End an NDJSON progress stream with ``{"event": "done", **result()}``, or the error ``result()`` raises."""
+    try:
+        event = {"event": "done", **result()}
+    except LlmNbError as exc:
+        event = {"event": "error", **exc.to_json(), "status": exc.status}
+    await response.write((json.dumps(event) + "\n").encode())
+    await response.write_eof()
+    return response
+
+
 HEARTBEAT = None  # what ``with_heartbeats`` yields when the source was silent for an interval
 
 

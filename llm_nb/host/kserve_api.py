@@ -17,7 +17,8 @@ from aiohttp import web
 
 from ..errors import InvalidRequest
 from .http import PRINCIPAL, read_json
-from .registry import LoadedModel, Registry
+from .loaded import LoadedModel
+from .registry import Registry
 
 routes = web.RouteTableDef()
 INPUT_NAME = "input-0"
@@ -193,7 +194,7 @@ async def infer(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     request[PRINCIPAL].require(name)
     model = registry.get(name)
-    if not model.spec.task or model.engine is not None:
+    if not model.spec.task:
         raise InvalidRequest(
             f"{name!r} is a generative model: use the OpenAI routes, POST /v1/chat/completions or /v1/completions, "
             "not /v2 infer (as in KServe)"
@@ -201,7 +202,7 @@ async def infer(request: web.Request) -> web.Response:
     texts, parameters, request_id = parse_infer(await read_json(request))
     async with model.queue.slot():
         model.touch()
-        result = await model.worker.classify(texts, parameters)
+        result = await model.runner.classify(texts, parameters)
     model.requests_served += 1
     return web.json_response(
         {

@@ -1,8 +1,9 @@
 """OpenAI-compatible routes under ``/v1``: models, chat, completions, embeddings.
 
-The host shapes OpenAI answers from the worker's small event stream
+The host shapes OpenAI answers from the runner's small event stream
 (``{"text"}`` ... ``{"finish_reason", "prompt_tokens", "completion_tokens"}``),
-so usage and finish_reason are exact, streamed or not.
+so usage and finish_reason are exact, streamed or not, whether a worker or a
+remote engine serves the model.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from aiohttp import web
 from ..config import heartbeat_interval
 from ..errors import LlmNbError
 from .http import HEARTBEAT, PRINCIPAL, read_json, with_heartbeats
-from .registry import LoadedModel, Registry
+from .loaded import LoadedModel
+from .registry import Registry
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, parse
 
 routes = web.RouteTableDef()
@@ -31,20 +33,13 @@ def registry_of(request: web.Request) -> Registry:
 
 
 async def generation_events(model: LoadedModel, payload: dict) -> AsyncIterator[dict]:
-    """Wait for the model's queue, then yield the worker's events; counts the request."""
+    """Wait for the model's queue, then yield the runner's events; counts the request."""
     async with model.queue.slot():
         model.touch()
-        async for event in model.worker.generate(payload):
+        async for event in model.runner.generate(payload):
             yield event
         model.requests_served += 1
         model.touch()
-
-
-async def proxied(model: LoadedModel, request: web.Request, path: str, raw: dict) -> web.StreamResponse:
-    """A remote model's request, under the same per-model queue (its concurrency limit)."""
-    async with model.queue.slot():
-        model.touch()
-        return await model.engine.proxy(request, path, raw, on_served=model.count_served)
 
 
 def _sse(data: dict | str) -> bytes:
@@ -114,12 +109,10 @@ class _Shaper:
         }
 
 
-async def _respond(request: web.Request, kind: str, parsed, raw: dict) -> web.StreamResponse:
+async def _respond(request: web.Request, kind: str, parsed) -> web.StreamResponse:
     registry = registry_of(request)
     model = registry.get(parsed.model)
     request[PRINCIPAL].require(model.spec.name)
-    if model.engine is not None:  # remote engine: passed through as the remote shaped it
-        return await proxied(model, request, "chat/completions" if kind == "chat" else "completions", raw)
     shaper = _Shaper(kind, model.spec.name)
     if not parsed.stream:
         return web.json_response(await _whole(shaper, generation_events(model, parsed.worker_request())))
@@ -147,13 +140,13 @@ async def _respond(request: web.Request, kind: str, parsed, raw: dict) -> web.St
                 else:
                     blank = "" if kind == "completion" else None
                     await response.write(_sse(shaper.chunk(text=blank, finish_reason=event.get("finish_reason"))))
-                    if parsed.include_usage:
+                    if parsed.include_usage and "completion_tokens" in event:  # a remote may count none
                         await response.write(_sse(shaper.usage_chunk(event)))
                 try:
                     event = await anext(events)
                 except StopAsyncIteration:
                     break
-        except LlmNbError as exc:  # the worker died mid-stream: tell the client in-band
+        except LlmNbError as exc:  # the worker or remote died mid-stream: tell the client in-band
             await response.write(_sse(exc.to_json()))
             return response
         await response.write(_sse("[DONE]"))
@@ -162,7 +155,7 @@ async def _respond(request: web.Request, kind: str, parsed, raw: dict) -> web.St
 
 
 async def _whole(shaper: _Shaper, source: AsyncIterator[dict]) -> dict:
-    """A whole (not streamed) answer from the worker's events."""
+    """A whole (not streamed) answer from the runner's events."""
     parts, final = [], {}
     async with aclosing(source) as events:
         async for event in events:
@@ -177,26 +170,21 @@ async def _whole(shaper: _Shaper, source: AsyncIterator[dict]) -> dict:
 
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    raw = await read_json(request)
-    return await _respond(request, "chat", parse(ChatCompletionRequest, raw), raw)
+    return await _respond(request, "chat", parse(ChatCompletionRequest, await read_json(request)))
 
 
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
-    raw = await read_json(request)
-    return await _respond(request, "completion", parse(CompletionRequest, raw), raw)
+    return await _respond(request, "completion", parse(CompletionRequest, await read_json(request)))
 
 
 @routes.post("/v1/embeddings")
 async def embeddings(request: web.Request) -> web.Response:
-    raw = await read_json(request)
-    parsed = parse(EmbeddingRequest, raw)
+    parsed = parse(EmbeddingRequest, await read_json(request))
     model = registry_of(request).get(parsed.model)
     request[PRINCIPAL].require(model.spec.name)
-    if model.engine is not None:
-        return await proxied(model, request, "embeddings", raw)
     async with model.queue.slot():
-        result = await model.worker.embed(parsed.inputs())
+        result = await model.runner.embed(parsed.inputs())
     model.requests_served += 1
     model.touch()
     data = []

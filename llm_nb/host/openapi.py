@@ -47,6 +47,7 @@ ROUTES: list[tuple[str, str, type[BaseModel] | None, str, tuple[int, ...], str]]
     ("post", "/api/models/load", LoadRequest, "application/json", (400, 401, 404, 413, 500, 507), "load or attach"),
     ("post", "/api/models/unload", UnloadRequest, "application/json", (400, 401, 404, 413), "release a lease"),
     ("get", "/v1/models", None, "application/json", (401,), "OpenAI: loaded models"),
+    ("get", "/v1/models/{name}", None, "application/json", (401, 403, 404), "OpenAI: one loaded model"),
     (
         "post",
         "/v1/chat/completions",
@@ -84,6 +85,7 @@ ROUTES: list[tuple[str, str, type[BaseModel] | None, str, tuple[int, ...], str]]
         "KServe v2: infer",
     ),
     ("get", "/api/models/{name}/logs", None, "text/plain", (401, 404), "a model worker's log"),
+    ("get", "/openapi.json", None, "application/json", (401,), "this document"),
     ("post", "/api/token", TokenRequest, "application/json", (400, 401, 403, 413), "mint a session token"),
     ("get", "/api/deployments", None, "application/json", (401,), "deployments"),
     (
@@ -121,8 +123,11 @@ ROUTES: list[tuple[str, str, type[BaseModel] | None, str, tuple[int, ...], str]]
         "a deployment: predict with a JSON payload",
     ),
 ]
-# Left out on purpose: /api/events (a server-sent-events stream that ends only with the
-# host) and /api/shutdown (it stops the host).
+#: Left out on purpose: /api/events (a server-sent-events stream that ends only with the
+#: host) and /api/shutdown (it stops the host).
+LEFT_OUT = {("get", "/api/events"), ("post", "/api/shutdown")}
+#: Paths that serve the same API as a documented one: a deployment's answers with or without its slash.
+SAME_AS = {"/models/{name}": "/models/{name}/"}
 
 
 def build_openapi(extra_routes: list | None = None) -> dict:

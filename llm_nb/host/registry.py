@@ -3,7 +3,8 @@
 The registry is the host's single source of truth: who holds what, what it
 costs, what state it is in. A load belongs to the registry, not to the request
 that asked for it: a client that gives up does not abort a load that others
-wait on (ollama#7408).
+wait on (ollama#7408). Each model's own record (its runner, leases, costs,
+status) is a ``loaded.LoadedModel``.
 """
 
 from __future__ import annotations
@@ -12,124 +13,19 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ..catalog import ModelSpec
 from ..config import Settings, format_bytes
 from ..connection import pid_alive
-from ..errors import InsufficientMemory, InvalidRequest, LlmNbError, ModelCrashed, ModelLoading, ModelNotFound
+from ..errors import InsufficientMemory, InvalidRequest, ModelCrashed, ModelLoading, ModelNotFound
 from . import memory
+from .loaded import Lease, LoadedModel, Runner
+from .remote import RemoteEngine
 from .scheduler import ModelQueue
-from .workers import WorkerProcess
+from .workers import WorkerProcess, safe_name
 
 log = logging.getLogger("llm_nb.host.registry")
-
-
-@dataclass
-class Lease:
-    """One client's hold on a model. ``pid`` lets the host notice the client is gone."""
-
-    client: str
-    name: str = ""
-    pid: int | None = None
-    pid_started: float | None = None
-    since: float = field(default_factory=time.time)
-
-    @classmethod
-    def from_json(cls, data: dict | None, fallback: str) -> Lease:
-        data = data if isinstance(data, dict) else {}
-        client = str(data.get("id") or data.get("client") or fallback)[:200]
-        pid = data.get("pid")
-        started = data.get("pid_started")
-        return cls(
-            client=client,
-            name=str(data.get("name") or client)[:300],
-            pid=int(pid) if isinstance(pid, int) and pid > 0 else None,
-            pid_started=float(started) if isinstance(started, (int, float)) else None,
-        )
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-class LoadedModel:
-    def __init__(self, spec: ModelSpec, keep_alive: float, estimate_bytes: int, max_waiting: int):
-        self.spec = spec
-        self.state = "loading"  # loading, ready, unloading, failed ("idle" is ready with no lease)
-        self.worker: WorkerProcess | None = None
-        self.engine: Any = None  # a remote engine (llm_nb.backends.remote), for models with no worker
-        self.leases: dict[str, Lease] = {}
-        self.queue = ModelQueue(spec.name, 1, max_waiting)
-        self.keep_alive = keep_alive
-        self.estimate_bytes = estimate_bytes
-        self.measured = {"rss_bytes": 0, "gpu_bytes": 0}
-        self.info: dict = {}
-        self.progress: dict = {}
-        self.failure: str | None = None
-        self.requests_served = 0
-        self.created = time.time()
-        self.loaded_at: float | None = None
-        self.load_seconds: float | None = None
-        self.last_used = time.time()
-        self.idle_since: float | None = None
-        self.load_task: asyncio.Task | None = None
-
-    @property
-    def display_state(self) -> str:
-        if self.state == "ready" and self.engine is not None and self.engine.healthy is False:
-            return "unreachable"
-        return "idle" if self.state == "ready" and not self.leases else self.state
-
-    def cost_bytes(self, kind: str) -> int:
-        """What counts against the budget: measured, or the estimate while loading."""
-        if self.state == "failed" or self.spec.backend == "remote":
-            return 0
-        measured = self.measured["gpu_bytes"] if kind == "gpu" else self.measured["rss_bytes"]
-        return max(measured, self.estimate_bytes) if self.state == "loading" else measured
-
-    def expires_at(self) -> float | None:
-        if self.leases or self.idle_since is None or self.keep_alive < 0:
-            return None
-        return self.idle_since + self.keep_alive
-
-    def touch(self) -> None:
-        self.last_used = time.time()
-
-    def count_served(self) -> None:
-        self.requests_served += 1
-
-    def status_json(self, kind: str) -> dict:
-        return {
-            "name": self.spec.name,
-            "backend": self.spec.backend,
-            "device": self.info.get("device", "remote" if self.spec.backend == "remote" else None),
-            "state": self.display_state,
-            "memory_bytes": self.cost_bytes(kind),
-            "rss_bytes": self.measured["rss_bytes"],
-            "gpu_bytes": self.measured["gpu_bytes"],
-            "estimate_bytes": self.estimate_bytes,
-            "leases": [
-                {"client": lease.client, "name": lease.name, "since": lease.since} for lease in self.leases.values()
-            ],
-            "in_flight": self.queue.in_flight,
-            "waiting": self.queue.waiting,
-            "requests_served": self.requests_served,
-            "loaded_at": self.loaded_at,
-            "load_seconds": self.load_seconds,
-            "last_used": self.last_used,
-            "keep_alive": self.keep_alive,
-            "expires_at": self.expires_at(),
-            "path": self.spec.path,
-            "url": self.spec.url,
-            "task": self.spec.task,
-            "worker_pid": self.worker.pid if self.worker else None,
-            "log_file": str(self.worker.log_path) if self.worker else None,
-            "progress": self.progress if self.state == "loading" else None,
-            "failure": self.failure,
-            "info": {k: v for k, v in self.info.items() if k not in ("state", "progress", "error", "rss_bytes", "pid")},
-        }
 
 
 def _same_model(a: ModelSpec, b: ModelSpec) -> bool:
@@ -137,7 +33,9 @@ def _same_model(a: ModelSpec, b: ModelSpec) -> bool:
 
 
 class Registry:
-    def __init__(self, settings: Settings, runtime_dir: Path):
+    def __init__(
+        self, settings: Settings, runtime_dir: Path, other_costs: Callable[[str], dict[str, int]] | None = None
+    ):
         self.settings = settings
         self.runtime_dir = runtime_dir
         self.log_dir = runtime_dir / "logs"
@@ -149,14 +47,13 @@ class Registry:
             self.budget_bytes, self.budget_kind = memory.default_budget()
         self.models: dict[str, LoadedModel] = {}
         #: Memory outside the models that shares their budget, measured now: the deployments'
-        #: workers (``{"deployment NAME v1": bytes}``), set by the deployment manager.
-        self.other_costs: Callable[[str], dict[str, int]] = lambda kind: {}
+        #: workers (``{"deployment NAME v1": bytes}``).
+        self.other_costs: Callable[[str], dict[str, int]] = other_costs or (lambda kind: {})
         self.version = 0
         self._changed = asyncio.Condition()
         self._admit = asyncio.Lock()
         self._reaper: asyncio.Task | None = None
         self._worker_seq = 0
-        self.remote_factory = None  # set by the host when the remote backend is available
 
     # --- change notification (the panel's event stream) ---------------------
     def notify(self) -> None:
@@ -278,37 +175,34 @@ class Registry:
         await asyncio.shield(model.load_task)
         return model, attached
 
+    def _new_runner(self, spec: ModelSpec, api_key: str | None) -> Runner:
+        """A remote engine for a remote model, else a worker process of its own."""
+        if spec.backend == "remote":
+            return RemoteEngine(spec, api_key)
+        self._worker_seq += 1
+        # Short socket names: a Unix socket path must fit in 107 bytes.
+        return WorkerProcess(
+            spec,
+            self.runtime_dir / f"w{self._worker_seq}.sock",
+            self.log_dir / f"{safe_name(spec.name)}.log",
+            on_exit=self._worker_exited,
+        )
+
     async def _run_load(self, model: LoadedModel, api_key: str | None = None) -> None:
         started = time.monotonic()
+
+        def on_progress(event: dict) -> None:
+            model.progress = {k: event.get(k) for k in ("message", "fraction", "elapsed")}
+            self.notify()
+
         try:
-            if model.spec.backend == "remote":
-                if self.remote_factory is None:
-                    raise LlmNbError("this host has no remote backend", code="backend_unavailable", status=400)
-                model.engine = await self.remote_factory(model.spec, api_key)
-                model.info = await model.engine.info()
-                model.queue.slots = model.info.get("parallel", 4)
-            else:
-                self._worker_seq += 1
-                # Short socket names: a Unix socket path must fit in 107 bytes.
-                worker = WorkerProcess(
-                    model.spec,
-                    self.runtime_dir / f"w{self._worker_seq}.sock",
-                    self.log_dir / f"{_safe(model.spec.name)}.log",
-                    on_exit=self._worker_exited,
-                )
-                model.worker = worker
-                await worker.start()
-
-                def on_progress(event: dict) -> None:
-                    model.progress = {k: event.get(k) for k in ("message", "fraction", "elapsed")}
-                    self.notify()
-
-                model.info = await worker.load(on_progress)
+            model.runner = self._new_runner(model.spec, api_key)
+            model.info = await model.runner.open(on_progress)
             model.queue = ModelQueue(model.spec.name, int(model.info.get("parallel", 1)), self.settings.max_queue)
         except BaseException as exc:
             log.warning("load of %s failed: %s", model.spec.name, exc)
-            if model.worker is not None:
-                await model.worker.kill()
+            if model.runner is not None:
+                await model.runner.kill()
             if self.models.get(model.spec.name) is model:
                 del self.models[model.spec.name]
             self.notify()
@@ -330,7 +224,7 @@ class Registry:
         if worker.stopping:
             return
         for model in self.models.values():
-            if model.worker is worker and model.state != "unloading":
+            if model.runner is worker and model.state != "unloading":
                 model.state = "failed"
                 model.failure = worker.crash_reason()
                 model.measured = {"rss_bytes": 0, "gpu_bytes": 0}
@@ -373,16 +267,14 @@ class Registry:
     async def _free(self, model: LoadedModel) -> None:
         name = model.spec.name
         if model.state == "loading" and model.load_task and not model.load_task.done():
-            if model.worker is not None:
-                await model.worker.kill()
+            if model.runner is not None:
+                await model.runner.kill()
             model.load_task.cancel()
         model.state = "unloading"
         self.notify()
         try:
-            if model.worker is not None:
-                await model.worker.stop(self.settings.worker_grace)
-            if model.engine is not None:
-                await model.engine.close()
+            if model.runner is not None:
+                await model.runner.stop(self.settings.worker_grace)
         finally:
             if self.models.get(name) is model:
                 del self.models[name]
@@ -413,8 +305,8 @@ class Registry:
 
     # --- housekeeping ----------------------------------------------------------
     async def _measure(self, model: LoadedModel, gpu_by_pid: dict[int, int] | None = None) -> None:
-        if model.worker is not None and model.worker.pid:
-            measured = await asyncio.to_thread(memory.measure, model.worker.pid, gpu_by_pid)
+        if model.runner is not None and model.runner.pid:
+            measured = await asyncio.to_thread(memory.measure, model.runner.pid, gpu_by_pid)
             # NVML cannot see pids inside a container: then count what the worker's own
             # CUDA allocator reported (the transformers backend's info()["gpu_bytes"]).
             if not measured["gpu_bytes"] and model.info.get("gpu_bytes"):
@@ -453,8 +345,8 @@ class Registry:
         for model in list(self.models.values()):
             if model.state == "ready":
                 await self._measure(model, gpu_by_pid)
-            if model.state == "ready" and model.engine is not None and await model.engine.refresh_health():
-                model.info = await model.engine.info()
+            if model.state == "ready" and model.runner is not None and await model.runner.refresh_health():
+                model.info = await model.runner.info()
                 changed = True
         if changed:
             self.notify()
@@ -469,7 +361,3 @@ class Registry:
             "other_bytes": others,
             "version": self.version,
         }
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)

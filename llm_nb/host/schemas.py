@@ -101,9 +101,14 @@ class SamplingParams(_Base):
         return value
 
     def generation(self, **fields: Any) -> dict:
-        """The worker's GenerationRequest as JSON."""
+        """The worker's GenerationRequest as JSON.
+
+        ``stream`` is for a remote engine, which answers a whole request whole (with exact
+        usage); a worker streams its events either way.
+        """
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         out = {
+            "stream": self.stream,
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,

@@ -8,7 +8,7 @@ key itself never has to leave the connection file.
 
 A deployment's worker gets a credential of its own (``kind: deployment``):
 it has no expiry but dies with the deployment, since the verifier asks the
-deployment manager whether that instance still runs.
+live deployments whether that instance still runs.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ routes = web.RouteTableDef()
 
 
 class TokenIssuer:
-    def __init__(self, secret: bytes | None = None):
+    def __init__(self, secret: bytes | None = None, deployment_alive: Callable[[str], bool] | None = None):
         self._secret = secret or secrets.token_bytes(32)
-        #: ``instance id -> still deployed?``; set by the deployment manager.
-        self.deployment_alive: Callable[[str], bool] = lambda instance: False
+        #: ``instance id -> still deployed?``: a deployment's credential stands as long as its version runs.
+        self.deployment_alive: Callable[[str], bool] = deployment_alive or (lambda instance: False)
 
     def issue(self, scope: list[str], ttl: float = DEFAULT_TTL_S) -> dict:
         """A session token for ``scope``; returns the token, its expiry and its scope."""

@@ -31,8 +31,13 @@ def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return processes.tail(path, lines)
 
 
+def safe_name(name: str) -> str:
+    """A model or deployment name as a file name (its log's)."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+
+
 class WorkerProcess:
-    """A worker process and the Unix-socket session that reaches it."""
+    """A worker process and the Unix-socket session that reaches it: a loaded model's runner."""
 
     def __init__(
         self,
@@ -168,6 +173,15 @@ class WorkerProcess:
 
     async def info(self) -> dict:
         return await self._json("GET", "/info", timeout=10)
+
+    async def open(self, on_progress: Callable[[dict], None]) -> dict:
+        """Start the process and load the model in it; returns the worker's info."""
+        await self.start()
+        return await self.load(on_progress)
+
+    async def refresh_health(self) -> bool:
+        """Nothing to poll: a worker that dies is reported at once by its exit watcher."""
+        return False
 
     async def load(self, on_progress: Callable[[dict], None]) -> dict:
         """Load the model; returns the worker's info once it is ready."""

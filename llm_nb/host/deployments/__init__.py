@@ -1,0 +1,26 @@
+"""Practicus-style deployments: a folder with ``model.py`` (and ``model.json``) served at ``/models/<name>/``.
+
+``files`` copies the model files that ``model.json`` names, ``manager`` runs
+each deployment's user code in a worker of its own (deploy, predict, replace,
+undeploy), ``routes`` serves them:
+
+=====================================  ========================================
+``GET|POST /models/<name>/``           a prediction; ``?get_meta=true``: metadata
+``GET  /api/deployments``              the deployments this caller may see
+``POST /api/deployments/deploy``       ``{"name", "folder"}`` (NDJSON progress with ``stream``)
+``POST /api/deployments/undeploy``     ``{"name"}``: ``cleanup()``, then the worker ends
+``GET  /api/deployments/<name>/logs``  the worker's log
+``POST /api/deployments/<name>/use``   a lease on a host model, for ``use_model`` in model.py
+=====================================  ========================================
+
+``model.json`` keys: ``download_files_from`` (a path or URL, or a list),
+``download_files_to`` (a folder; relative paths are from the deployment
+folder), ``max_concurrency`` (predictions at once; default 8 for an async
+predict, 1 for a plain one), ``use_models`` (the models ``use_model`` may lease;
+default: any).
+"""
+
+from .manager import DeploymentManager, LiveDeployments
+from .routes import routes, stop_all
+
+__all__ = ["DeploymentManager", "LiveDeployments", "routes", "stop_all"]

@@ -1,0 +1,350 @@
+"""Deployments' lives: deploy, serve predictions, replace, undeploy.
+
+``deploy(name, folder)`` copies the files that ``model.json`` names, then
+starts a worker process (``llm_nb.backends.user_code``) that imports
+``model.py`` and awaits ``init`` once. The host never imports user code: an
+exception, ``sys.exit`` or ``os._exit`` in ``model.py`` costs that deployment
+only.
+
+A new deploy under a name that is live brings the new version up beside the
+old one and switches only once ``init`` has succeeded; if it fails, the old
+version goes on serving. The old one finishes the requests it has, then ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ...catalog import ModelSpec
+from ...config import Settings
+from ...errors import InvalidRequest, LlmNbError, ModelCrashed, ModelLoading, ModelNotFound, Timeout
+from .. import memory
+from ..registry import Registry
+from ..scheduler import ModelQueue
+from ..tokens import TokenIssuer
+from ..workers import WorkerProcess, describe_exit, safe_name
+from .files import Progress, copy_files, files_to_copy, read_model_json
+
+log = logging.getLogger("llm_nb.host.deployments")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+DRAIN_S = 60.0
+
+
+class DeploymentWorker(WorkerProcess):
+    def crashed_error(self) -> ModelCrashed:
+        return ModelCrashed(
+            self.crash_reason()
+            + f"\ndeploy it again to start a fresh worker (`llm-nb deploy {self.spec.name} {self.spec.path}`)",
+            exit=describe_exit(self.returncode),
+        )
+
+    async def predict(self, payload: Any, timeout: float | None) -> Any:
+        return (await self._json("POST", "/predict", {"payload": payload}, timeout=timeout))["result"]
+
+
+@dataclass
+class Deployment:
+    name: str
+    folder: Path
+    version: int
+    model_json: dict
+    instance: str = field(default_factory=lambda: secrets.token_hex(12))
+    created: float = field(default_factory=time.time)
+    state: str = "deploying"  # deploying, ready, failed, undeploying
+    files_dir: Path | None = None
+    files: list[dict] = field(default_factory=list)
+    code_sha256: str = ""
+    worker: DeploymentWorker | None = None
+    queue: ModelQueue | None = None
+    info: dict = field(default_factory=dict)
+    requests_served: int = 0
+    errors: int = 0
+    failure: str | None = None
+    progress: dict = field(default_factory=dict)
+    deploy_seconds: float | None = None
+
+    @property
+    def lease_client(self) -> str:
+        return f"deployment:{self.name}@{self.instance[:8]}"
+
+    def meta(self, base_url: str) -> dict:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "created": self.created,
+            "state": self.state,
+            "model_json": self.model_json,
+            "files": self.files,
+            "files_dir": str(self.files_dir) if self.files_dir else None,
+            "folder": str(self.folder),
+            "code_sha256": self.code_sha256,
+            "requests_served": self.requests_served,
+            "errors": self.errors,
+            "in_flight": self.queue.running if self.queue else 0,
+            "waiting": self.queue.waiting if self.queue else 0,
+            "max_concurrency": self.queue.slots if self.queue else None,
+            "worker_pid": self.worker.pid if self.worker else None,
+            "rss_bytes": memory.process_rss(self.worker.pid) if self.worker and self.worker.pid else 0,
+            "deploy_seconds": self.deploy_seconds,
+            "failure": self.failure,
+            "api_url": f"{base_url}/models/{self.name}/",
+            "log_file": str(self.worker.log_path) if self.worker else None,
+        }
+
+
+class LiveDeployments:
+    """The deployment versions whose workers run or are starting, by credential id.
+
+    Made before the registry and the token issuer, which ask it what those workers
+    hold (their memory shares the models' budget) and whether a deployment's
+    credential still stands; the manager adds and removes versions.
+    """
+
+    def __init__(self) -> None:
+        self._by_instance: dict[str, Deployment] = {}
+
+    def add(self, dep: Deployment) -> None:
+        self._by_instance[dep.instance] = dep
+
+    def remove(self, dep: Deployment) -> None:
+        self._by_instance.pop(dep.instance, None)
+
+    def get(self, instance: str) -> Deployment | None:
+        return self._by_instance.get(instance)
+
+    def is_live(self, instance: str) -> bool:
+        return instance in self._by_instance
+
+    def memory_costs(self, kind: str) -> dict[str, int]:
+        """What each live deployment worker holds now (RSS, or GPU bytes under a GPU budget).
+
+        Its weights count against the models' budget like a model's would; models it leases
+        through ``use_model`` are counted once, as those models.
+        """
+        costs: dict[str, int] = {}
+        if not self._by_instance:
+            return costs
+        gpu_by_pid = memory.gpu_memory_by_pid() if kind == "gpu" else {}
+        for dep in list(self._by_instance.values()):
+            pid = dep.worker.pid if dep.worker and dep.worker.returncode is None else None
+            if pid:
+                measured = memory.measure(pid, gpu_by_pid)
+                costs[f"deployment {dep.name} v{dep.version}"] = measured["gpu_bytes" if kind == "gpu" else "rss_bytes"]
+        return costs
+
+
+class DeploymentManager:
+    def __init__(
+        self, settings: Settings, registry: Registry, tokens: TokenIssuer, host_url: str, live: LiveDeployments
+    ):
+        self.settings = settings
+        self.registry = registry
+        self.tokens = tokens
+        self.host_url = host_url
+        self.live = live
+        self.deployments: dict[str, Deployment] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._versions: dict[str, int] = {}
+        self._seq = 0
+
+    # --- deploy ----------------------------------------------------------------------
+    async def deploy(self, name: str, folder: str, progress: Progress = lambda event: None) -> Deployment:
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise InvalidRequest(
+                f"deployment name {name!r} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+        if not isinstance(folder, str) or not folder:
+            raise InvalidRequest("name the deployment folder (the one with model.py)")
+        path = Path(folder).expanduser()
+        if not path.is_absolute():
+            raise InvalidRequest(f"the folder must be an absolute path on the host's machine, not {folder!r}")
+        if not (path / "model.py").is_file():
+            raise ModelNotFound(f"{path} has no model.py; a deployment folder needs one with predict(payload_dict)")
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            return await self._deploy(name, path.resolve(), progress)
+
+    async def _deploy(self, name: str, folder: Path, progress: Progress) -> Deployment:
+        started = time.monotonic()
+        dep = await self._new_version(name, folder)
+
+        def report(event: dict) -> None:
+            dep.progress = event
+            progress(event)
+
+        await self._copy_files(dep, report)
+        await self._start_worker(dep, report)
+        dep.deploy_seconds = time.monotonic() - started
+        await self._switch_to(dep)
+        return dep
+
+    async def _new_version(self, name: str, folder: Path) -> Deployment:
+        model_json = await asyncio.to_thread(read_model_json, folder)
+        dep = Deployment(name, folder, self._versions.get(name, 0) + 1, model_json)
+        dep.code_sha256 = hashlib.sha256((folder / "model.py").read_bytes()).hexdigest()
+        return dep
+
+    async def _copy_files(self, dep: Deployment, report: Progress) -> None:
+        sources, dep.files_dir = files_to_copy(dep.model_json, dep.folder, dep.name)
+        if not sources:
+            return
+        report({"stage": "download", "message": f"copying model files to {dep.files_dir}"})
+        loop = asyncio.get_running_loop()
+        dep.files = await asyncio.to_thread(
+            copy_files, sources, dep.folder, dep.files_dir, lambda e: loop.call_soon_threadsafe(report, e)
+        )
+
+    def _worker_spec(self, dep: Deployment) -> ModelSpec:
+        return ModelSpec(
+            name=dep.name,
+            backend="deployment",
+            path=str(dep.folder),
+            source="deployment",
+            options={
+                "version": dep.version,
+                "model_json": dep.model_json,
+                "files_dir": str(dep.files_dir) if dep.files_dir else None,
+                "host_url": self.host_url,
+                "token": self.tokens.issue_deployment(dep.instance, dep.model_json.get("use_models")),
+            },
+        )
+
+    async def _start_worker(self, dep: Deployment, report: Progress) -> None:
+        """Start the worker and await the user's ``init()``; on any failure the worker ends."""
+        self._seq += 1
+        dep.worker = DeploymentWorker(
+            self._worker_spec(dep),
+            self.registry.runtime_dir / f"d{self._seq}.sock",
+            self.log_path(dep.name),
+            on_exit=self._worker_exited,
+        )
+        self.live.add(dep)
+        report({"stage": "init", "message": "starting the worker and running init()"})
+
+        def on_worker(event: dict) -> None:
+            report({"stage": "init", "message": event.get("message"), "fraction": event.get("fraction")})
+
+        try:
+            await dep.worker.start()
+            dep.info = await asyncio.wait_for(dep.worker.load(on_worker), self.settings.load_timeout)
+        except BaseException as exc:
+            await self._stop(dep, kill=True)
+            if isinstance(exc, TimeoutError):
+                raise Timeout(
+                    f"init() of {dep.name!r} did not finish within {self.settings.load_timeout:.0f} s; "
+                    f"see {dep.worker.log_path}"
+                ) from None
+            if isinstance(exc, LlmNbError) and exc.code in ("load_failed", "model_crashed"):
+                exc.message = f"deploying {dep.name!r} failed: {exc.message}"
+                exc.args = (exc.message,)
+            raise
+
+    async def _switch_to(self, dep: Deployment) -> None:
+        """Serve ``dep`` from now on; the version it replaces drains, then ends."""
+        dep.queue = ModelQueue(dep.name, int(dep.info.get("parallel", 1)), self.settings.max_queue)
+        dep.state = "ready"
+        dep.progress = {}
+        self._versions[dep.name] = dep.version
+        old = self.deployments.get(dep.name)
+        self.deployments[dep.name] = dep
+        log.info("deployed %s v%d from %s in %.2f s", dep.name, dep.version, dep.folder, dep.deploy_seconds)
+        if old is not None:
+            await self._stop(old, drain=True)
+
+    # --- undeploy --------------------------------------------------------------------
+    async def undeploy(self, name: str) -> dict:
+        dep = self.deployments.get(name)
+        if dep is None:
+            raise ModelNotFound(f"no deployment {name!r}; deployed: {', '.join(self.deployments) or 'none'}")
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            if self.deployments.get(name) is dep:
+                del self.deployments[name]
+            await self._stop(dep)
+        return {"name": name, "undeployed": True, "version": dep.version, "requests_served": dep.requests_served}
+
+    async def _stop(self, dep: Deployment, kill: bool = False, drain: bool = False) -> None:
+        """End the worker (its cleanup() runs on the way) and release the models it leased.
+
+        ``drain``: a replaced version first finishes the requests it has taken (up to
+        ``DRAIN_S``); new ones already go to its successor.
+        """
+        if drain and dep.queue is not None:
+            deadline = time.monotonic() + DRAIN_S
+            while dep.queue.in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        dep.state = "undeploying"
+        self.live.remove(dep)
+        if dep.worker is not None:
+            if kill:
+                await dep.worker.kill()
+            else:
+                await dep.worker.stop(max(self.settings.worker_grace, 35.0))  # cleanup() may take its time
+        for model_name, model in list(self.registry.models.items()):
+            if dep.lease_client in model.leases:
+                try:
+                    await self.registry.unload(model_name, dep.lease_client)
+                except LlmNbError:
+                    pass
+
+    async def _worker_exited(self, worker: WorkerProcess) -> None:
+        if worker.stopping:
+            return
+        for dep in self.deployments.values():
+            if dep.worker is worker:
+                dep.state = "failed"
+                dep.failure = worker.crash_reason()
+                self.live.remove(dep)
+                log.warning("deployment %s failed: %s", dep.name, dep.failure)
+
+    async def shutdown(self) -> None:
+        await asyncio.gather(*(self._stop(d) for d in list(self.deployments.values())), return_exceptions=True)
+        self.deployments.clear()
+
+    # --- requests --------------------------------------------------------------------
+    def get(self, name: str) -> Deployment:
+        dep = self.deployments.get(name)
+        if dep is None:
+            raise ModelNotFound(
+                f"no deployment {name!r} on this host; deployed: {', '.join(self.deployments) or 'none'}. "
+                f"Deploy it with llm_nb.deploy({name!r}, folder) or `llm-nb deploy {name} FOLDER`"
+            )
+        if dep.state == "failed":
+            raise ModelCrashed(
+                f"deployment {name!r} failed: {dep.failure}\n"
+                f"deploy it again to start a fresh worker (`llm-nb deploy {name} {dep.folder}`)"
+            )
+        if dep.state != "ready":
+            raise ModelLoading(f"deployment {name!r} is {dep.state}; retry in a few seconds", retry_after=2)
+        return dep
+
+    async def predict(self, name: str, payload: Any) -> Any:
+        dep = self.get(name)
+        async with dep.queue.slot():
+            try:
+                result = await dep.worker.predict(payload, timeout=self.settings.request_timeout)
+            except LlmNbError:
+                dep.errors += 1
+                raise
+            except TimeoutError:
+                dep.errors += 1
+                raise Timeout(f"predict() of {name!r} took longer than {self.settings.request_timeout:.0f} s") from None
+        dep.requests_served += 1
+        return result
+
+    def by_instance(self, instance: str) -> Deployment | None:
+        return self.live.get(instance)
+
+    def log_path(self, name: str) -> Path:
+        """Where every version of ``name`` writes its worker's log, one after the other."""
+        return self.registry.log_dir / f"deployment-{safe_name(name)}.log"
+
+    def status_json(self, allowed: Callable[[str], bool]) -> list[dict]:
+        return [d.meta(self.host_url) for d in self.deployments.values() if allowed(d.name)]

@@ -1,0 +1,151 @@
+"""The deployments' routes: predictions at ``/models/<name>/``, the rest under ``/api/deployments``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from aiohttp import web
+
+from ...catalog import resolve
+from ...config import heartbeat_interval, parse_duration
+from ...errors import LlmNbError, ModelNotFound, PermissionDenied
+from ..http import PRINCIPAL, end_progress, read_json
+from ..loaded import Lease
+from ..schemas import DeployRequest, UndeployRequest, UseModelRequest, parse
+from ..workers import tail
+from .manager import DeploymentManager
+
+routes = web.RouteTableDef()
+
+
+def manager_of(request: web.Request) -> DeploymentManager:
+    return request.app["deployments"]
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").lower() in ("1", "true", "yes")
+
+
+@routes.route("*", "/models/{name:[^/]+}")
+@routes.route("*", "/models/{name:[^/]+}/")
+async def model_api(request: web.Request) -> web.Response:
+    """A deployment's API: GET or POST a JSON payload; ``?get_meta=true`` for its metadata."""
+    if request.method not in ("GET", "POST"):
+        raise LlmNbError(
+            f"{request.method} is not allowed on {request.path}; use GET or POST", code="method_not_allowed", status=405
+        )
+    name = request.match_info["name"]
+    request[PRINCIPAL].require(name)
+    manager = manager_of(request)
+    if _truthy(request.query.get("get_meta")):
+        dep = manager.deployments.get(name)
+        if dep is None:
+            manager.get(name)  # the not-found error with its hint
+        return web.json_response(await asyncio.to_thread(dep.meta, manager.host_url))
+    if request.can_read_body:
+        payload = await read_json(request)
+    else:  # a bare GET: the query string is the payload
+        payload = dict(request.query)
+    return web.json_response(await manager.predict(name, payload))
+
+
+@routes.get("/api/deployments")
+async def list_deployments(request: web.Request) -> web.Response:
+    manager = manager_of(request)
+    return web.json_response({"deployments": await asyncio.to_thread(manager.status_json, request[PRINCIPAL].allows)})
+
+
+@routes.post("/api/deployments/deploy")
+async def deploy(request: web.Request) -> web.StreamResponse:
+    request[PRINCIPAL].require_admin()
+    body = parse(DeployRequest, await read_json(request))
+    manager = manager_of(request)
+    events: asyncio.Queue = asyncio.Queue()
+    started = time.monotonic()
+    # The deploy is the manager's: a client that goes away does not leave half a deployment.
+    task = asyncio.ensure_future(manager.deploy(body.name, body.folder, events.put_nowait))
+
+    def done_event() -> dict:
+        dep = task.result()
+        return {"deployment": dep.meta(manager.host_url), "seconds": time.monotonic() - started}
+
+    if not body.stream:
+        await asyncio.shield(task)
+        return web.json_response(done_event())
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    heartbeat = heartbeat_interval()
+    while not task.done():
+        getter = asyncio.ensure_future(events.get())
+        await asyncio.wait([task, getter], timeout=heartbeat, return_when=asyncio.FIRST_COMPLETED)
+        if not getter.done():
+            getter.cancel()
+            if not task.done():  # init() is still running: a blank line tells the reader the host is alive
+                await response.write(b"\n")
+            continue
+        batch = [getter.result()]
+        while not events.empty():  # copy_files throttles its own events: pass them all on
+            batch.append(events.get_nowait())
+        await response.write(b"".join((json.dumps({"event": "progress", **e}) + "\n").encode() for e in batch))
+    return await end_progress(response, done_event)
+
+
+@routes.post("/api/deployments/undeploy")
+async def undeploy(request: web.Request) -> web.Response:
+    request[PRINCIPAL].require_admin()
+    body = parse(UndeployRequest, await read_json(request))
+    return web.json_response(await manager_of(request).undeploy(body.name))
+
+
+@routes.get("/api/deployments/{name}/logs")
+async def deployment_logs(request: web.Request) -> web.Response:
+    request[PRINCIPAL].require_admin()
+    name = request.match_info["name"]
+    path = manager_of(request).log_path(name)
+    if not path.exists():
+        raise ModelNotFound(f"no log for deployment {name!r} on this host")
+    return web.Response(text=tail(path, 500) + "\n", content_type="text/plain")
+
+
+@routes.post("/api/deployments/{name}/use")
+async def use_model(request: web.Request) -> web.Response:
+    """A lease on a host model for a deployment's model.py (``llm_nb.deployment.use_model``)."""
+    principal = request[PRINCIPAL]
+    manager = manager_of(request)
+    name = request.match_info["name"]
+    if principal.kind == "deployment":
+        dep = manager.by_instance(principal.subject)
+        if dep is None or dep.name != name:
+            raise PermissionDenied("a deployment's credential may lease models for that deployment only")
+    elif principal.kind == "key":
+        dep = manager.deployments.get(name)
+        if dep is None:
+            manager.get(name)
+    else:
+        raise PermissionDenied("session tokens cannot lease models; use_model runs inside a deployment")
+    body = parse(UseModelRequest, await read_json(request))
+    catalog = manager.settings.catalog_file
+    spec = await asyncio.to_thread(resolve, body.model, name=body.name, options=body.options, catalog_path=catalog)
+    request[PRINCIPAL].require(spec.name)
+    pid = dep.worker.pid if dep.worker else None
+    started = None
+    if pid:
+        import psutil
+
+        try:
+            started = psutil.Process(pid).create_time()
+        except psutil.Error:
+            pass
+    lease = Lease(client=dep.lease_client, name=f"deployment {dep.name} v{dep.version}", pid=pid, pid_started=started)
+    keep_alive = parse_duration(body.keep_alive) if body.keep_alive is not None else None
+    model, attached = await manager.registry.load(spec, lease, keep_alive)
+    return web.json_response(
+        {"model": model.status_json(manager.registry.budget_kind), "attached": attached, "lease": lease.to_json()}
+    )
+
+
+async def stop_all(app: web.Application) -> None:
+    """Host shutdown: every deployment's cleanup() runs, then its worker ends."""
+    await app["deployments"].shutdown()
