@@ -22,9 +22,9 @@ loads the model in-process. Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,35 +36,22 @@ from jupyter_client.manager import KernelManager
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _host import running_host  # noqa: E402
+
 from llm_nb.catalog import smollm2_path  # noqa: E402
 from llm_nb.client import Client  # noqa: E402
 from llm_nb.config import format_bytes  # noqa: E402
-from llm_nb.connection import live_host, read_connection  # noqa: E402
 
 N_CTX = 2048  # the catalog's n_ctx for smollm2, so both sides hold the same KV cache
 THREADS = max(1, min(os.cpu_count() or 1, 8))  # what the llama.cpp worker uses
 
 
-def start_host(tmp: Path, env: dict) -> subprocess.Popen:
-    conn = Path(env["LLM_NB_CONNECTION"])
-    conn.parent.mkdir(parents=True, exist_ok=True)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "llm_nb.host", "--connection-file", str(conn)],
-        env=env,
-        stdout=open(tmp / "host.log", "ab"),  # noqa: SIM115 - lives as long as the host
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        info = read_connection(conn)
-        if info and info.get("pid") == process.pid and live_host(conn):
-            return process
-        if process.poll() is not None:
-            break
-        time.sleep(0.1)
-    process.kill()
-    raise SystemExit(f"the host did not start; see {tmp / 'host.log'}")
+def stop_kernels(kernels: list[Kernel]) -> None:
+    for kernel in kernels:
+        try:
+            kernel.stop()
+        except Exception as exc:  # report and go on stopping the rest
+            print(f"stopping a kernel failed: {exc}", file=sys.stderr)
 
 
 class Kernel:
@@ -109,8 +96,8 @@ def memory(pids: list[int]) -> tuple[int, int]:
     return rss, pss
 
 
-def worker_pids(host: subprocess.Popen) -> list[int]:
-    return [c.pid for c in psutil.Process(host.pid).children() if "llm_nb.worker" in " ".join(c.cmdline())]
+def worker_pids(host_pid: int) -> list[int]:
+    return [c.pid for c in psutil.Process(host_pid).children() if "llm_nb.worker" in " ".join(c.cmdline())]
 
 
 def ratio(value: int, one: int) -> str:
@@ -133,9 +120,10 @@ def main() -> int:
         LLM_NB_CONNECTION=str(tmp / "rt" / "host.json"),
         LLM_NB_CATALOG=str(tmp / "catalog.json"),
     )
-    host = start_host(tmp, env)
     kernels: list[Kernel] = []
-    try:
+    with running_host(tmp, LLM_NB_CATALOG=env["LLM_NB_CATALOG"]) as (info, _), contextlib.ExitStack() as stop:
+        stop.callback(stop_kernels, kernels)
+        host = info["pid"]
         for i in range(args.kernels):
             kernels.append(Kernel(dict(env, JPY_SESSION_NAME=f"bench-{i}.ipynb")))
         for kernel in kernels:
@@ -147,7 +135,7 @@ def main() -> int:
         # --- shared host ------------------------------------------------------------
         kernels[0].run("%llm_load smollm2")
         kernels[0].run("%%llm_chat --max-tokens 8 --temperature 0\nSay hi.")
-        shared_1 = {"worker": memory(worker_pids(host)), "host": memory([host.pid, *worker_pids(host)])}
+        shared_1 = {"worker": memory(worker_pids(host)), "host": memory([host, *worker_pids(host)])}
         timing = (
             "ip = get_ipython(); times = []\n"
             f"for _ in range({args.attach_rounds}):\n"
@@ -164,7 +152,7 @@ def main() -> int:
         status = Client(env["LLM_NB_CONNECTION"], autostart=False).status()
         (model,) = status["models"]
         workers = worker_pids(host)
-        shared_n = {"worker": memory(workers), "host": memory([host.pid, *workers])}
+        shared_n = {"worker": memory(workers), "host": memory([host, *workers])}
         shared_kernels = memory(kernel_pids)
 
         # --- in-process ----------------------------------------------------------------
@@ -181,17 +169,6 @@ def main() -> int:
             kernel.run(load)
             now = memory(kernel_pids)
             inproc.append((now[0] - before[0], now[1] - before[1]))
-    finally:
-        for kernel in kernels:
-            try:
-                kernel.stop()
-            except Exception as exc:  # report and go on stopping the rest
-                print(f"stopping a kernel failed: {exc}", file=sys.stderr)
-        host.terminate()
-        try:
-            host.wait(20)
-        except subprocess.TimeoutExpired:
-            host.kill()
 
     n = args.kernels
     print(f"llm-nb attach benchmark · {Path(path).name} · n_ctx {N_CTX} · {THREADS} threads · {n} kernels")

@@ -17,9 +17,7 @@ also checks that each greedy reply is the same both ways.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,6 +29,8 @@ import openai
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from _host import running_host  # noqa: E402
 
 from llm_nb.catalog import smollm2_path  # noqa: E402
 
@@ -100,24 +100,6 @@ def concurrent(client: openai.OpenAI, prompts: list[str], max_tokens: int) -> di
     return {"wall": wall, "results": results}
 
 
-def start_host(tmp: str) -> tuple[subprocess.Popen, Path]:
-    conn = Path(tmp) / "host.json"
-    env = dict(os.environ, JUPYTER_RUNTIME_DIR=tmp, LLM_NB_CONNECTION=str(conn))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llm_nb.host", "--connection-file", str(conn)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while not conn.exists():
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            raise RuntimeError("the host did not start")
-        time.sleep(0.1)
-    return proc, conn
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -131,33 +113,28 @@ def main() -> None:
 
     from llm_nb.client import Client
 
-    with tempfile.TemporaryDirectory() as tmp:
-        proc, conn = start_host(tmp)
-        try:
-            llm_nb = Client(conn, autostart=False)
-            options = {"dtype": args.dtype, "n_ctx": 2048, "max_batch": args.requests}
-            if args.threads:
-                options["n_threads"] = args.threads
-            loaded = llm_nb.load(args.model, name="smollm2-hf", backend="transformers", options=options)
-            info = loaded["model"]["info"]
-            info_url = llm_nb.host_info()
-            client = openai.OpenAI(base_url=info_url["url"] + "/v1", api_key=info_url["key"], max_retries=0)
-            one_request(client, prompts[0], 8, time.perf_counter())  # warm up: first-call allocations
-            rounds = []
-            for index in range(args.rounds):
-                order = (sequential, concurrent) if index % 2 == 0 else (concurrent, sequential)
-                done = {fn.__name__: fn(client, prompts, args.max_tokens) for fn in order}
-                rounds.append(done)
-                seq, con = done["sequential"], done["concurrent"]
-                print(
-                    f"round {index + 1}: one at a time {sum(r['tokens'] for r in seq['results'])} tokens in "
-                    f"{seq['wall']:.1f} s, all at once {sum(r['tokens'] for r in con['results'])} tokens in "
-                    f"{con['wall']:.1f} s",
-                    flush=True,
-                )
-        finally:
-            proc.terminate()
-            proc.wait(30)
+    with tempfile.TemporaryDirectory() as tmp, running_host(Path(tmp)) as (_, conn):
+        llm_nb = Client(conn, autostart=False)
+        options = {"dtype": args.dtype, "n_ctx": 2048, "max_batch": args.requests}
+        if args.threads:
+            options["n_threads"] = args.threads
+        loaded = llm_nb.load(args.model, name="smollm2-hf", backend="transformers", options=options)
+        info = loaded["model"]["info"]
+        info_url = llm_nb.host_info()
+        client = openai.OpenAI(base_url=info_url["url"] + "/v1", api_key=info_url["key"], max_retries=0)
+        one_request(client, prompts[0], 8, time.perf_counter())  # warm up: first-call allocations
+        rounds = []
+        for index in range(args.rounds):
+            order = (sequential, concurrent) if index % 2 == 0 else (concurrent, sequential)
+            done = {fn.__name__: fn(client, prompts, args.max_tokens) for fn in order}
+            rounds.append(done)
+            seq, con = done["sequential"], done["concurrent"]
+            print(
+                f"round {index + 1}: one at a time {sum(r['tokens'] for r in seq['results'])} tokens in "
+                f"{seq['wall']:.1f} s, all at once {sum(r['tokens'] for r in con['results'])} tokens in "
+                f"{con['wall']:.1f} s",
+                flush=True,
+            )
 
     def rate(run: dict) -> float:
         return sum(r["tokens"] for r in run["results"]) / run["wall"]

@@ -20,7 +20,6 @@ and tokens/s.
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import statistics
 import subprocess
@@ -35,9 +34,10 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _host import running_host  # noqa: E402
+
 from llm_nb import consume  # noqa: E402
 from llm_nb.catalog import smollm2_path  # noqa: E402
-from llm_nb.connection import read_connection  # noqa: E402
 
 TOPICS = "sea sky sun moon tree rock bird fish river cloud snow wind fire sand leaf star".split()
 
@@ -84,20 +84,6 @@ def wait_until(check, timeout: float, what: str) -> None:
     raise RuntimeError(f"{what} did not come up within {timeout:.0f} s")
 
 
-def start_host(tmp: Path) -> tuple[subprocess.Popen, dict]:
-    conn = tmp / "rt" / "host.json"
-    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp / "rt"), LLM_NB_CONNECTION=str(conn))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "llm_nb.host", "--connection-file", str(conn)],
-        env=env,
-        stdout=open(tmp / "host.log", "wb"),  # noqa: SIM115
-        stderr=subprocess.STDOUT,
-    )
-    wait_until(lambda: (read_connection(conn) or {}).get("pid") == process.pid, 60, "the host")
-    os.environ["LLM_NB_CONNECTION"] = str(conn)
-    return process, read_connection(conn)
-
-
 def write_model(folder: Path, code: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model.py").write_text(textwrap.dedent(code))
@@ -123,9 +109,8 @@ def main() -> None:
     concurrency = args.prompts
     gen = {"max_tokens": args.max_tokens, "temperature": 0}
 
-    with tempfile.TemporaryDirectory(prefix="bench-fire-") as tmp_name:
+    with tempfile.TemporaryDirectory(prefix="bench-fire-") as tmp_name, running_host(Path(tmp_name)) as (info, _):
         tmp = Path(tmp_name)
-        host, info = start_host(tmp)
         port = free_port()
         server = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", smollm2_path(), "--host", "127.0.0.1"]
@@ -171,9 +156,7 @@ def main() -> None:
                 consume.predict(info["url"] + "/models/sleep/", {"user_prompt": "x"}, token)
                 hop.append(time.perf_counter() - started)
         finally:
-            host.terminate()
             server.terminate()
-            host.wait(30)
             server.wait(30)
 
     def fmt(value: float | None, spec: str) -> str:

@@ -14,7 +14,6 @@ first), time to first token, and the ratios host/in-process and host/server.
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import statistics
 import subprocess
@@ -27,6 +26,8 @@ import openai
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from _host import running_host  # noqa: E402
 
 from llm_nb.catalog import smollm2_path  # noqa: E402
 
@@ -134,29 +135,12 @@ def run_server(path: str, threads: int, n_ctx: int, max_tokens: int, rounds: int
 def run_host(path: str, threads: int, n_ctx: int, max_tokens: int, rounds: int) -> list[tuple]:
     from llm_nb.client import Client
 
-    with tempfile.TemporaryDirectory() as tmp:
-        conn = Path(tmp) / "host.json"
-        env = dict(os.environ, JUPYTER_RUNTIME_DIR=tmp)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "llm_nb.host", "--connection-file", str(conn)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            deadline = time.monotonic() + 60
-            while not conn.exists():
-                if time.monotonic() > deadline:
-                    raise RuntimeError("host did not start")
-                time.sleep(0.1)
-            llm_nb = Client(conn, autostart=False)
-            llm_nb.load(path, name="smollm2", options={"n_ctx": n_ctx, "n_threads": threads})
-            info = llm_nb.host_info()
-            client = openai.OpenAI(base_url=info["url"] + "/v1", api_key=info["key"], max_retries=0)
-            results = [timed_stream(openai_chunks(client, "smollm2", max_tokens)) for _ in range(rounds + 1)]
-        finally:
-            proc.terminate()
-            proc.wait(30)
+    with tempfile.TemporaryDirectory() as tmp, running_host(Path(tmp)) as (_, conn):
+        llm_nb = Client(conn, autostart=False)
+        llm_nb.load(path, name="smollm2", options={"n_ctx": n_ctx, "n_threads": threads})
+        info = llm_nb.host_info()
+        client = openai.OpenAI(base_url=info["url"] + "/v1", api_key=info["key"], max_retries=0)
+        results = [timed_stream(openai_chunks(client, "smollm2", max_tokens)) for _ in range(rounds + 1)]
     return results[1:]
 
 

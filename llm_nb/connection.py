@@ -15,6 +15,8 @@ from pathlib import Path
 import psutil
 import requests
 
+from .config import connection_setting
+
 CONNECTION_ENV = "LLM_NB_CONNECTION"
 DEFAULT_FILE_NAME = "llm-nb-host.json"
 
@@ -32,10 +34,7 @@ def connection_path(explicit: str | os.PathLike | None = None) -> Path:
     """The file in use: an explicit path, else ``$LLM_NB_CONNECTION``, else the per-user default."""
     if explicit:
         return Path(explicit).expanduser()
-    env = os.environ.get(CONNECTION_ENV)
-    if env:
-        return Path(env).expanduser()
-    return runtime_dir() / DEFAULT_FILE_NAME
+    return connection_setting() or runtime_dir() / DEFAULT_FILE_NAME
 
 
 def write_connection(path: Path, info: dict) -> None:

@@ -37,14 +37,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import requests
-
 from .config import DEFAULT_MODEL
-from .errors import LlmNbError, error_from_json
 
 HOST_URL_ENV = "LLM_NB_HOST_URL"
 TOKEN_ENV = "LLM_NB_DEPLOYMENT_TOKEN"
 DEPLOYMENT_ENV = "LLM_NB_DEPLOYMENT"
+USE_MODEL_TIMEOUT_S = 900.0  # a lease may wait for the model's load
 
 
 @dataclass
@@ -139,13 +137,20 @@ _PIPELINE_PARAMS = {"max_new_tokens": "max_tokens", "max_length": "max_tokens"}
 
 
 class HostModel:
-    """A model on the host, for model.py: ``chat``, ``achat``, ``complete``, or call it like a pipeline."""
+    """A model on the host, for model.py: ``chat``, ``achat``, ``complete``, or call it like a pipeline.
+
+    Its calls go through the kernel side's one client core (``Client.at``/``AsyncClient.at``): the same
+    error mapping as everywhere, and replies read as streams, so a host that hangs is an error in seconds.
+    """
 
     def __init__(self, url: str, credential: str, name: str, defaults: dict | None = None, release=None):
+        from .client import Client
+
         self.url = url.rstrip("/")
         self.name = name
         self.defaults = dict(defaults or {})
-        self._headers = {"Authorization": f"Bearer {credential}"}
+        self._credential = credential
+        self._client = Client.at(self.url, credential)
         self._release = release
 
     def __repr__(self) -> str:
@@ -164,46 +169,34 @@ class HostModel:
             out[_PIPELINE_PARAMS.get(key, key)] = value
         return {k: v for k, v in out.items() if v is not None}
 
-    def _chat_body(self, prompt: str | list[dict], system: str | None, params: dict) -> dict:
+    def _messages(self, prompt: str | list[dict], system: str | None) -> list[dict]:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if system:
             messages.insert(0, {"role": "system", "content": system})
-        return {"model": self.name, "messages": messages, **self._params(params)}
-
-    def _post(self, path: str, body: dict) -> dict:
-        try:
-            response = requests.post(f"{self.url}{path}", json=body, headers=self._headers, timeout=600)
-        except requests.RequestException as exc:
-            raise LlmNbError(f"the llm-nb host at {self.url} does not answer: {exc}", code="host_unavailable") from exc
-        if response.status_code >= 400:
-            raise error_from_json(_body(response), response.status_code)
-        return response.json()
+        return messages
 
     def chat_completion(self, prompt: str | list[dict], *, system: str | None = None, **params: Any) -> dict:
         """The whole OpenAI-shaped answer, usage included."""
-        return self._post("/v1/chat/completions", self._chat_body(prompt, system, params))
+        return self._client.chat_completion(self._messages(prompt, system), self.name, **self._params(params))
 
     def chat(self, prompt: str | list[dict], *, system: str | None = None, **params: Any) -> str:
-        return self.chat_completion(prompt, system=system, **params)["choices"][0]["message"]["content"]
+        return self._client.chat(self._messages(prompt, system), self.name, **self._params(params))
 
     async def achat_completion(self, prompt: str | list[dict], *, system: str | None = None, **params: Any) -> dict:
         """``chat_completion`` without blocking model.py's event loop: predictions overlap while they wait."""
-        import aiohttp
+        from .client import AsyncClient
 
-        body = self._chat_body(prompt, system, params)
-        async with aiohttp.ClientSession(headers=self._headers) as session:
-            async with session.post(f"{self.url}/v1/chat/completions", json=body) as response:
-                data = await response.json(content_type=None)
-                if response.status >= 400:
-                    raise error_from_json(data, response.status)
-                return data
+        async with AsyncClient.at(self.url, self._credential) as client:
+            return await client.chat_completion(self._messages(prompt, system), self.name, **self._params(params))
 
     async def achat(self, prompt: str | list[dict], *, system: str | None = None, **params: Any) -> str:
-        return (await self.achat_completion(prompt, system=system, **params))["choices"][0]["message"]["content"]
+        from .client import AsyncClient
+
+        async with AsyncClient.at(self.url, self._credential) as client:
+            return await client.chat(self._messages(prompt, system), self.name, **self._params(params))
 
     def complete(self, prompt: str, **params: Any) -> str:
-        body = {"model": self.name, "prompt": prompt, **self._params(params)}
-        return self._post("/v1/completions", body)["choices"][0]["text"]
+        return self._client.complete(prompt, self.name, **self._params(params))["choices"][0]["text"]
 
     def __call__(self, inputs: str | list, **params: Any) -> list:
         """Answer like a transformers text-generation pipeline: ``[{"generated_text": ...}]`` per input.
@@ -225,13 +218,6 @@ class HostModel:
             self._release()
 
 
-def _body(response: requests.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        return response.text
-
-
 def use_model(
     model: str = DEFAULT_MODEL,
     *,
@@ -249,18 +235,10 @@ def use_model(
     body = {"model": model, "name": name, "options": options, "keep_alive": keep_alive}
     body = {k: v for k, v in body.items() if v is not None}
     if url and token and deployment:
-        try:
-            response = requests.post(
-                f"{url}/api/deployments/{deployment}/use",
-                json=body,
-                headers={"Authorization": f"Bearer {token}"},
-                timeout=900,
-            )
-        except requests.RequestException as exc:
-            raise LlmNbError(f"the llm-nb host at {url} does not answer: {exc}", code="host_unavailable") from exc
-        if response.status_code >= 400:
-            raise error_from_json(_body(response), response.status_code)
-        served = response.json()["model"]["name"]
+        from .client import Client
+
+        host = Client.at(url, token, timeout=USE_MODEL_TIMEOUT_S)
+        served = host.call("POST", f"/api/deployments/{deployment}/use", body)["model"]["name"]
         return HostModel(url, token, served, defaults)
     # Not in a deployment: a notebook trying model.py out. Lease through this kernel's client.
     from .client import Client

@@ -3,14 +3,20 @@
 ``sse_event(line)`` turns one line into a chunk (a dict), ``DONE`` or None (a
 comment such as the host's heartbeat, a blank line, an ``event:`` line), and
 ``Reply`` gathers what a stream said: text, usage, finish reason, time to the
-first token. The sync client, the async client and ``consume.fire`` read
-through these, so they agree on what a finished reply is.
+first token. ``text_pieces`` and ``atext_pieces`` are the one loop over a
+stream's lines, sync and async; the clients, ``deployment.HostModel``,
+``consume.fire`` and the server extension's status reader all read through
+this module, so they agree on what a finished reply is.
+
+The load and deploy routes answer with newline-delimited JSON progress events
+instead (``progress_answer``).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 
 from .errors import error_from_json
 
@@ -74,6 +80,42 @@ class Reply:
 
     def end(self) -> None:
         self.elapsed_s = time.perf_counter() - self.started
+
+
+def text_pieces(lines: Iterable[bytes | str], reply: Reply) -> Iterator[str]:
+    """Yield the text of each chunk of an SSE stream into ``reply``, up to ``[DONE]``; heartbeats yield nothing."""
+    for raw in lines:
+        piece = reply.take_line(raw)
+        if piece is None:
+            return
+        if piece:
+            yield piece
+
+
+async def atext_pieces(lines: AsyncIterable[bytes], reply: Reply) -> AsyncIterator[str]:
+    """``text_pieces`` for an async stream (an aiohttp response's ``content``)."""
+    async for raw in lines:
+        piece = reply.take_line(raw)
+        if piece is None:
+            return
+        if piece:
+            yield piece
+
+
+def progress_answer(line: bytes | str, on_progress: Callable[[dict], None] | None) -> dict | None:
+    """One line of a load or deploy stream: progress is handed on, an error raised, the answer returned.
+
+    Blank lines are the host's heartbeats.
+    """
+    event = json.loads(line) if line.strip() else {}
+    if event.get("event") == "progress":
+        if on_progress is not None:
+            on_progress(event)
+    elif event.get("event") == "error":
+        raise error_from_json(event, event.get("status", 500))
+    elif event.get("event") == "done":
+        return {k: v for k, v in event.items() if k != "event"}
+    return None
 
 
 class ReplyView:

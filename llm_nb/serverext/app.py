@@ -26,7 +26,7 @@ from jupyter_server.extension.application import ExtensionApp
 from traitlets import Dict, Enum, Float, Int, TraitError, Unicode, default, validate
 
 from .._version import __version__
-from ..config import parse_duration, parse_size
+from ..config import parse_duration, parse_size, setting_text
 from ..connection import CONNECTION_ENV
 from ..errors import LlmNbError
 from .events import StatusHub
@@ -82,15 +82,15 @@ class LlmNbExtension(ExtensionApp):
 
     @default("start_policy")
     def _start_policy_default(self) -> str:
-        return os.environ.get("LLM_NB_START_POLICY") or "lazy"
+        return setting_text("START_POLICY", "lazy")
 
     @default("memory_budget")
     def _memory_budget_default(self) -> str:
-        return os.environ.get("LLM_NB_MEMORY_BUDGET", "")
+        return setting_text("MEMORY_BUDGET")
 
     @default("keep_alive")
     def _keep_alive_default(self) -> str:
-        return os.environ.get("LLM_NB_KEEP_ALIVE", "")
+        return setting_text("KEEP_ALIVE")
 
     @validate("memory_budget", "keep_alive")
     def _check_size_or_duration(self, proposal) -> str:

@@ -20,8 +20,9 @@ from tornado import web
 from tornado.iostream import StreamClosedError
 
 from ..config import stream_read_timeout
-from ..errors import HostUnavailable, InvalidRequest, LlmNbError, error_from_json
-from .supervisor import tail
+from ..errors import HostUnavailable, InvalidRequest, LlmNbError
+from ..processes import tail
+from ..transport import error_answer
 
 if TYPE_CHECKING:
     from .app import LlmNbExtension
@@ -79,13 +80,9 @@ class LlmNbHandler(ExtensionHandlerMixin, APIHandler):
     async def host_json(self, method: str, path: str, body: dict | None = None, *, start: bool = True) -> dict:
         """Call the host and return its JSON; a host error becomes the same ``LlmNbError``."""
         status, payload, _ = await self.host_raw(method, path, body, start=start)
-        try:
-            data = json.loads(payload)
-        except ValueError:
-            data = payload.decode("utf-8", "replace")
         if status >= 400:
-            raise error_from_json(data, status)
-        return data
+            raise error_answer(status, payload)
+        return json.loads(payload)
 
     async def host_raw(
         self, method: str, path: str, body: dict | None = None, *, start: bool = True, params: dict | None = None

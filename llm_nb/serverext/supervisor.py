@@ -1,9 +1,11 @@
 """Start, watch and stop the one model host that belongs to a Jupyter server.
 
-The host is a child process (``python -m llm_nb.host``) in a session of its
+The host is started by ``llm_nb.locator.spawn_host``, as the kernels start
+one: under ``llm_nb.launcher`` (which records how it ends) in a session of its
 own, so a Ctrl-C meant for the server's confirmation prompt does not reach it;
 ``--parent-pid`` makes it stop by itself if the server dies without cleaning
-up. The supervisor restarts a host that crashes (a signal or a non-zero exit),
+up. It is watched by pid, whether this server started it or adopted one that a
+kernel started first. The supervisor restarts a host that crashes (a signal or a non-zero exit),
 with backoff, and gives up after ``max_restarts`` crashes in a short window so
 that a host that cannot live does not spin. A host that exits 0 was stopped on
 purpose (``llm-nb stop``, SIGTERM): it is not restarted until it is needed.
@@ -13,38 +15,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
-import signal
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import psutil
-from filelock import FileLock
-from filelock import Timeout as LockTimeout
 
 from .. import processes
 from ..config import stream_read_timeout
-from ..connection import live_host, read_connection
+from ..connection import read_connection
 from ..errors import HostUnavailable
+from ..locator import spawn_host
+from ..streams import sse_event
 
 CRASH_WINDOW_S = 300.0
+EXIT_POLL_S = 0.25
 STOP_GRACE_S = 20.0  # the host itself waits up to 10 s for requests in flight, then stops its workers
 LOG_TAIL_LINES = 20
 
 
 def describe_exit(code: int | None) -> str:
     if code is None:
-        return "ended (exit status unknown: it was not started by this server)"
+        return "ended (how is unknown: nothing recorded its exit)"
     return processes.describe_exit(code)
-
-
-def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    return processes.tail(path, lines)
 
 
 class HostSupervisor:
@@ -85,8 +81,7 @@ class HostSupervisor:
         self.status: dict | None = None  # the host's own /api/status, kept current by its event stream
 
         self._info: dict | None = None
-        self._process: asyncio.subprocess.Process | None = None
-        self._adopted: psutil.Process | None = None  # a host we did not start: watched by pid
+        self._host: psutil.Process | None = None  # watched by pid, whether we started it or adopted it
         self._generation = 0
         self._crashes: list[float] = []
         self._lock = asyncio.Lock()
@@ -147,16 +142,23 @@ class HostSupervisor:
     async def _start(self) -> None:
         self._set_state("starting")
         try:
-            info, process = await self._spawn_or_adopt()
+            # The same spawn_host as the kernels', under the same file lock: a kernel that finds no host
+            # while we start one waits for ours, and a host a kernel started first is adopted.
+            info, started = await asyncio.to_thread(
+                spawn_host,
+                self.connection_file,
+                host_args=["--parent-pid", str(os.getpid()), *self.host_args],
+                env=self.env,
+                timeout=self.start_timeout,
+            )
         except HostUnavailable as exc:
-            self._set_state("failed", str(exc))
+            self._set_state("failed", f"{exc}\nfix the cause, then start it again from the LLM panel")
             raise
         self._generation += 1
-        self._process = process
         self._info = info
         self.pid = int(info["pid"])
-        self.adopted = process is None
-        self._adopted = _process_or_none(self.pid) if self.adopted else None
+        self.adopted = not started
+        self._host = _process_or_none(self.pid)
         self.started_at = time.time()
         self._set_state("running")
         self.log.info(
@@ -168,78 +170,6 @@ class HostSupervisor:
         self._spawn_task(self._watch(self._generation))
         self._events_task = self._spawn_task(self._follow_events(self._generation, info))
 
-    async def _acquire_file_lock(self) -> FileLock:
-        # The same lock that llm_nb.client.start_host takes: a kernel that finds no host
-        # while we start one waits for ours instead of starting a second.
-        lock = FileLock(str(self.connection_file) + ".lock")
-        deadline = time.monotonic() + self.start_timeout
-        while True:
-            try:
-                lock.acquire(timeout=0)
-                return lock
-            except LockTimeout:
-                if time.monotonic() > deadline:
-                    raise HostUnavailable(
-                        f"{self.connection_file}.lock is held by another process for more than "
-                        f"{self.start_timeout:.0f} s; is a host starting there?"
-                    ) from None
-                await asyncio.sleep(0.1)
-
-    async def _spawn_or_adopt(self) -> tuple[dict, asyncio.subprocess.Process | None]:
-        self.connection_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        lock = await self._acquire_file_lock()
-        try:
-            existing = await asyncio.to_thread(live_host, self.connection_file)
-            if existing is not None:
-                # A host already serves this server's file (a kernel started one while ours was
-                # down): use it rather than fail, and watch it like our own.
-                return existing, None
-            return await self._spawn()
-        finally:
-            lock.release()
-
-    async def _spawn(self) -> tuple[dict, asyncio.subprocess.Process]:
-        argv = [
-            sys.executable,
-            "-m",
-            "llm_nb.host",
-            "--connection-file",
-            str(self.connection_file),
-            "--parent-pid",
-            str(os.getpid()),
-            *self.host_args,
-        ]
-        with open(self.log_path, "ab", buffering=0) as log_file:
-            log_file.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}\n".encode())
-            process = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=asyncio.subprocess.STDOUT,
-                env=self.env,
-                start_new_session=True,  # Ctrl-C at the server's prompt must not stop the host
-            )
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            info = read_connection(self.connection_file)
-            if info and info.get("pid") == process.pid:
-                if await asyncio.to_thread(live_host, self.connection_file) is not None:
-                    return info, process
-            if process.returncode is not None:
-                break
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(process.wait(), 0.1)
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-            why = f"did not answer within {self.start_timeout:.0f} s"
-        else:
-            why = describe_exit(process.returncode)
-        raise HostUnavailable(
-            f"the llm-nb model host {why} while starting; last lines of {self.log_path}:\n"
-            f"{tail(self.log_path)}\nfix the cause, then start it again from the LLM panel"
-        )
-
     # --- watching --------------------------------------------------------------
     def _spawn_task(self, coro) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -247,23 +177,20 @@ class HostSupervisor:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _wait_exit(self) -> int | None:
-        if self._process is not None:
-            return await self._process.wait()
-        while _running(self._adopted):
-            await asyncio.sleep(1.0)
-        return None
+    async def _wait_exit(self, pid: int) -> int | None:
+        """Wait for the host to end; its exit status, from the record its launcher writes (None if none)."""
+        while _running(self._host):
+            await asyncio.sleep(EXIT_POLL_S)
+        record = await asyncio.to_thread(processes.read_exit, self.connection_file, pid, 2.0)
+        return record.get("returncode") if record else None
 
     async def _watch(self, generation: int) -> None:
         pid = self.pid
-        code = await self._wait_exit()
-        if code is not None and pid is not None:
-            # For the kernels: their next call says how this host ended (and whether the OOM killer did it).
-            await asyncio.to_thread(processes.record_exit, self.connection_file, pid, code)
+        code = await self._wait_exit(pid)
         if self._stopping or generation != self._generation:
             return  # we stopped it ourselves
         self._info = None
-        self._process = None
+        self._host = None
         self.pid = None
         if code == 0:
             self.log.info("llm-nb: the model host stopped on request; it starts again when needed")
@@ -276,7 +203,7 @@ class HostSupervisor:
             "pid": pid,
             "reason": describe_exit(code),
             "at": now,
-            "log_tail": tail(self.log_path),
+            "log_tail": processes.tail(self.log_path, LOG_TAIL_LINES),
         }
         self.log.warning("llm-nb: the model host (pid %s) %s", pid, self.last_exit["reason"])
         if len(self._crashes) > self.max_restarts:
@@ -307,17 +234,11 @@ class HostSupervisor:
             try:
                 async with self._session.get(info["url"] + "/api/events", headers=headers) as response:
                     response.raise_for_status()
-                    data: list[str] = []
                     async for raw in response.content:
-                        line = raw.decode("utf-8", "replace").rstrip("\r\n")
-                        if line.startswith("data:"):
-                            data.append(line[5:].strip())
-                        elif not line and data:
-                            status = json.loads("\n".join(data))
-                            data = []
-                            if generation == self._generation and self.state == "running":
-                                self.status = status
-                                self.on_change()
+                        status = sse_event(raw)  # None for the keep-alive comments between snapshots
+                        if isinstance(status, dict) and generation == self._generation and self.state == "running":
+                            self.status = status
+                            self.on_change()
             except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
                 self.log.debug("llm-nb: host event stream ended: %s", exc)
             await asyncio.sleep(1.0)
@@ -326,9 +247,8 @@ class HostSupervisor:
     async def _terminate(self) -> None:
         """Stop the current host (ours or adopted) and wait for it."""
         self._generation += 1  # its watcher must not take this exit for a crash
-        process, pid, adopted = self._process, self.pid, self._adopted
-        self._process = None
-        self._adopted = None
+        host, pid = self._host, self.pid
+        self._host = None
         self._info = None
         if pid is None:
             return
@@ -337,17 +257,8 @@ class HostSupervisor:
         if self._events_task is not None:
             self._events_task.cancel()
             await asyncio.gather(self._events_task, return_exceptions=True)
-        if process is not None:
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(process.wait(), STOP_GRACE_S)
-                except TimeoutError:
-                    self.log.warning("llm-nb: the model host did not stop within %.0f s; killing it", STOP_GRACE_S)
-                    process.kill()
-                    await process.wait()
-        elif _running(adopted):
-            await _terminate_pid(adopted)
+        if not await _terminate_pid(host):
+            self.log.warning("llm-nb: the model host did not stop within %.0f s; it was killed", STOP_GRACE_S)
         self.pid = None
         self._set_state("stopped")
 
@@ -395,10 +306,10 @@ def _running(process: psutil.Process | None) -> bool:
         return False
 
 
-async def _terminate_pid(process: psutil.Process | None) -> None:
-    """SIGTERM a host we did not start, then SIGKILL it if it is still there after the grace time."""
+async def _terminate_pid(process: psutil.Process | None) -> bool:
+    """SIGTERM a host, then SIGKILL it if it is still there after the grace time; False if it had to be killed."""
     if not _running(process):
-        return
+        return True
     with contextlib.suppress(psutil.Error):
         process.terminate()
     deadline = time.monotonic() + STOP_GRACE_S
@@ -407,3 +318,5 @@ async def _terminate_pid(process: psutil.Process | None) -> None:
     if _running(process):
         with contextlib.suppress(psutil.Error):
             process.kill()
+        return False
+    return True
