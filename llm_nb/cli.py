@@ -17,10 +17,14 @@ import argparse
 import json
 import sys
 import time
-from datetime import datetime
 
-from .config import DEFAULT_MODEL, format_bytes
 from .errors import LlmNbError
+
+
+def _session(args, autostart: bool = True):
+    from .api import Session
+
+    return Session(args.connection_file, autostart=autostart)
 
 
 def _client(args, autostart: bool = True):
@@ -29,57 +33,29 @@ def _client(args, autostart: bool = True):
     return Client(args.connection_file, autostart=autostart)
 
 
-def _parse_options(pairs: list[str] | None) -> dict:
-    options = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise LlmNbError(f"--option takes key=value, not {pair!r}", code="invalid_request")
-        try:
-            options[key] = json.loads(value)
-        except ValueError:
-            options[key] = value
-    return options
-
-
 def _load_fields(args) -> dict:
-    options = _parse_options(args.option)
-    for key in ("device", "dtype", "quantize"):
+    from .api import parse_options
+
+    options = parse_options(args.option)
+    for key in ("dtype", "quantize"):
         if getattr(args, key, None):
             options[key] = getattr(args, key)
-    if getattr(args, "ctx", None):
-        options["n_ctx"] = args.ctx
     return {
         "name": args.name,
         "backend": args.backend,
+        "device": args.device,
+        "ctx": args.ctx,
         "options": options or None,
         "keep_alive": args.keep_alive,
-        "url": getattr(args, "url", None),
-        "remote_model": getattr(args, "remote_model", None),
-        "api_key_env": getattr(args, "api_key_env", None),
-        "task": getattr(args, "task", None),
-        "chat_format": getattr(args, "chat_format", None),
+        "url": args.url,
+        "remote_model": args.remote_model,
+        "api_key_env": args.api_key_env,
+        "task": args.task,
+        "chat_format": args.chat_format,
     }
 
 
-def describe_load(result: dict) -> str:
-    model = result["model"]
-    parts = [
-        model["name"],
-        model["backend"],
-        model.get("device") or "?",
-        format_bytes(model.get("memory_bytes")),
-        f"{result['seconds']:.2f} s",
-    ]
-    line = " · ".join(parts)
-    others = result.get("other_holders") or []
-    if result.get("attached"):
-        line += f" · attached: already loaded for {len(others)} other client{'s' if len(others) != 1 else ''}"
-    return line
-
-
 def cmd_load(args) -> int:
-    client = _client(args)
     started = time.monotonic()
 
     def progress(event: dict) -> None:
@@ -87,90 +63,48 @@ def cmd_load(args) -> int:
             message = event.get("message") or "loading"
             print(f"\r{message} ({event.get('elapsed', 0):.0f} s)", end="", file=sys.stderr, flush=True)
 
-    result = client.load(args.model, on_progress=progress, **_load_fields(args))
+    result = _session(args).load(args.model, on_progress=progress, **_load_fields(args))
     if sys.stderr.isatty():
         print("\r", end="", file=sys.stderr)
-    print(describe_load(result))
+    print(result)
     return 0
 
 
 def cmd_chat(args) -> int:
-    client = _client(args)
-    model = args.model or DEFAULT_MODEL
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    if not any(m["name"] == model for m in client.status()["models"]):
-        client.load(model, keep_alive=args.keep_alive)
-    messages = []
-    if args.system:
-        messages.append({"role": "system", "content": args.system})
-    messages.append({"role": "user", "content": prompt})
-    stream = client.chat(
-        messages, model, stream=True, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
+    # The Python API's chat: a model that is not loaded is loaded first (with this process's lease).
+    reply = _session(args).stream(
+        prompt,
+        args.model,
+        system=args.system,
+        keep=False,
+        load_fields={"keep_alive": args.keep_alive},
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
     )
     try:
-        for piece in stream:
+        for piece in reply:
             sys.stdout.write(piece)
             sys.stdout.flush()
     except KeyboardInterrupt:
-        stream.close()
+        reply.close()
         print("\n[interrupted]", file=sys.stderr)
         return 130
     print()
-    if args.verbose and stream.usage:
-        rate = stream.usage["completion_tokens"] / stream.elapsed_s if stream.elapsed_s else 0
-        print(
-            f"[{stream.usage['completion_tokens']} tokens · first token {stream.first_token_s or 0:.2f} s · {rate:.1f} tokens/s]",
-            file=sys.stderr,
-        )
+    if args.verbose:
+        print(f"[{reply.footer()}]", file=sys.stderr)
     return 0
 
 
-def format_status(status: dict) -> str:
-    rows = [("NAME", "BACKEND", "DEVICE", "STATE", "MEMORY", "HELD BY", "IN FLIGHT", "SERVED", "UNTIL")]
-    for m in status["models"]:
-        holders = ", ".join(lease["name"] for lease in m["leases"]) or "-"
-        if m.get("expires_at"):
-            until = datetime.fromtimestamp(m["expires_at"]).strftime("%H:%M:%S")
-        else:
-            until = "forever" if (m.get("keep_alive", 0) < 0 and not m["leases"]) else "-"
-        rows.append(
-            (
-                m["name"],
-                m["backend"],
-                m.get("device") or "-",
-                m["state"],
-                format_bytes(m["memory_bytes"]),
-                holders,
-                str(m["in_flight"]),
-                str(m["requests_served"]),
-                until,
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
-    lines.append(
-        f"budget: {format_bytes(status['used_bytes'])} of {format_bytes(status['budget_bytes'])} "
-        f"({status.get('budget_kind', 'ram').upper()}) used · host pid {status.get('pid')} at {status.get('url')}"
-    )
-    for m in status["models"]:
-        if m.get("failure"):
-            lines.append(f"{m['name']} failed: {m['failure']}")
-    return "\n".join(lines)
-
-
 def cmd_ps(args) -> int:
-    status = _client(args, autostart=False).status()
-    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    status = _session(args, autostart=False).status()
+    print(json.dumps(status, indent=2) if args.json else status)
     return 0
 
 
 def cmd_unload(args) -> int:
-    result = _client(args, autostart=False).unload(args.model, all=args.all, force=args.force)
-    for item in result.get("results", [result]):
-        state = "unloaded" if item.get("unloaded") else f"released; {item.get('remaining_leases', 0)} leases remain"
-        if not item.get("unloaded") and item.get("expires_at"):
-            state += f", unloads at {datetime.fromtimestamp(item['expires_at']).strftime('%H:%M:%S')} unless used"
-        print(f"{item['name']}: {state}")
+    print(_session(args, autostart=False).unload(args.model, all=args.all, force=args.force))
     return 0
 
 
@@ -199,8 +133,7 @@ def cmd_deploy(args) -> int:
 
 
 def cmd_undeploy(args) -> int:
-    result = _client(args, autostart=False).undeploy(args.name)
-    print(f"{result['name']}: undeployed v{result['version']} after {result['requests_served']} requests")
+    print(_session(args, autostart=False).undeploy(args.name))
     return 0
 
 
@@ -227,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_host)
 
     p = sub.add_parser("load", help="load a model, or attach to it if it is loaded")
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="catalog alias or path (default: smollm2)")
+    p.add_argument("model", nargs="?", help="catalog alias or path (default: smollm2)")
     p.add_argument("--name", help="serve it under this name (load one file twice, e.g. with two backends)")
     p.add_argument("--backend", help="llamacpp, transformers or remote")
     p.add_argument(

@@ -21,13 +21,10 @@ import ipywidgets as w
 
 from .api import ChatReply, Session, Status
 from .config import DEFAULT_MODEL, format_bytes
+from .display import one_line
 from .errors import LlmNbError
 
 _live_panels: weakref.WeakSet[Panel] = weakref.WeakSet()
-
-
-def _one_line(exc: BaseException) -> str:
-    return " | ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
 
 
 class Panel(w.VBox):
@@ -50,7 +47,7 @@ class Panel(w.VBox):
         self.memory_label = w.Label("")
         self.models = w.HTML("")
         self.model_box = w.Combobox(
-            value=session.model or DEFAULT_MODEL,
+            value=session.current_model(),
             options=[DEFAULT_MODEL],
             placeholder="alias or path",
             description="model",
@@ -115,7 +112,7 @@ class Panel(w.VBox):
                 with self.session.notices_to(self._notice):  # "started a new host: ..." shows in the panel
                     target()
             except LlmNbError as exc:
-                self._say(_one_line(exc), error=True)
+                self._say(one_line(exc), error=True)
             except Exception as exc:  # a panel thread must report, never die silently
                 self._say(f"{type(exc).__name__}: {exc}", error=True)
 
@@ -147,7 +144,7 @@ class Panel(w.VBox):
                 self.refresh()
                 wait = self.interval
             except LlmNbError as exc:
-                self.header.value = f"<b>llm-nb</b> · host not reachable: {html.escape(_one_line(exc))}"
+                self.header.value = f"<b>llm-nb</b> · host not reachable: {html.escape(one_line(exc))}"
                 wait = min(max(wait * 2, self.interval), 30.0)  # back off while the host is away
 
     def refresh(self) -> Status:
@@ -203,7 +200,7 @@ class Panel(w.VBox):
 
     # --- actions -------------------------------------------------------------------------
     def _selected(self) -> str:
-        return (self.model_box.value or "").strip() or DEFAULT_MODEL
+        return self.session.current_model((self.model_box.value or "").strip() or None)
 
     def _load(self) -> None:
         model = self._selected()
@@ -223,11 +220,7 @@ class Panel(w.VBox):
 
     def _unload(self) -> None:
         model = self._selected()
-        result = self.session.unload(model, force=self.force.value)
-        if result.get("unloaded"):
-            self._say(f"{model}: unloaded, memory freed")
-        else:
-            self._say(f"{model}: released; {result.get('remaining_leases', 0)} other holders")
+        self._say(str(self.session.unload(model, force=self.force.value)))
         self._refresh_quietly()
 
     def _refresh_quietly(self) -> None:

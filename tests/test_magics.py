@@ -17,7 +17,8 @@ from IPython.core.interactiveshell import InteractiveShell
 from llm_nb.api import Session
 from llm_nb.client import Client
 from llm_nb.connection import pid_alive, read_connection
-from llm_nb.magics import LlmMagics, interpolate, reply_bundle
+from llm_nb.display import reply_bundle
+from llm_nb.magics import LlmMagics, interpolate
 
 from .conftest import wait_for
 

@@ -1,0 +1,173 @@
+"""What the host's verbs answer, as types that own their text and Markdown forms.
+
+The Python API returns these; the magics, the widget panel and the command line
+print them, so that a load, a status table or an unload reads the same wherever
+it is shown. Kernel side: imports no client, no IPython, no model library.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from .config import format_bytes
+
+__all__ = ["LoadResult", "Status", "Undeployed", "UnloadResult"]
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _clock(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp).strftime("%H:%M:%S")
+
+
+def _until(model: dict, none: str) -> str:
+    """When a model with no holders goes: a time, "forever" (pinned), or ``none``."""
+    if model.get("expires_at"):
+        return _clock(model["expires_at"])
+    return "forever" if model.get("keep_alive", 0) < 0 and not model["leases"] else none
+
+
+class _Lines(dict):
+    """A host answer shown as lines of text (and the same lines in Markdown)."""
+
+    def lines(self) -> list[str]:
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+    def _repr_pretty_(self, p, cycle) -> None:
+        p.text(str(self))
+
+    def _repr_markdown_(self) -> str:
+        return "  \n".join(_md_cell(line) for line in self.lines())
+
+
+class UnloadResult(_Lines):
+    """The host's answer to an unload: one model's (``name``, ``unloaded``, ...) or ``results`` for several."""
+
+    @property
+    def items(self) -> list[dict]:
+        return list(self["results"]) if "results" in self else [dict(self)]
+
+    def lines(self) -> list[str]:
+        if not self.items:
+            return ["this notebook holds no models"]
+        return [f"{item['name']}: {self.describe(item)}" for item in self.items]
+
+    @staticmethod
+    def describe(item: dict) -> str:
+        if item.get("unloaded"):
+            # A forced unload answers without remaining_leases, and names every holder it let go.
+            forced = "remaining_leases" not in item and item.get("released")
+            return "unloaded, memory freed" + (f" (released: {', '.join(item['released'])})" if forced else "")
+        remaining = item.get("remaining_leases", 0)
+        state = f"released; {remaining} other notebook{'s' * (remaining != 1)} still hold{'s' * (remaining == 1)} it"
+        if item.get("expires_at"):
+            state += f"; unloads at {_clock(item['expires_at'])} unless used again"
+        return state
+
+
+class Undeployed(_Lines):
+    """The host's answer to an undeploy: ``name``, ``version``, ``requests_served``."""
+
+    def lines(self) -> list[str]:
+        return [f"{self['name']}: undeployed v{self['version']} after {self['requests_served']} requests"]
+
+
+class LoadResult(dict):
+    """The host's answer to a load: ``model`` (its status), ``attached``, ``lease``, ``other_holders``, ``seconds``."""
+
+    @property
+    def summary(self) -> str:
+        model = self["model"]
+        parts = [model["name"], model["backend"], model.get("device") or "?", format_bytes(model.get("memory_bytes"))]
+        if not self.get("attached") and self.get("round_trip_s") is not None:
+            parts.append(f"loaded in {self['round_trip_s']:.2f} s")  # what the caller waited, worker start included
+        elif model.get("load_seconds") is not None:
+            parts.append(f"loaded in {model['load_seconds']:.2f} s")
+        line = " · ".join(parts)
+        if self.get("attached"):
+            n = len(self.get("other_holders") or [])
+            took = self.get("round_trip_s", self["seconds"]) * 1000
+            line += f" · attached in {took:.0f} ms: " + (
+                f"already loaded for {n} other notebook{'s' * (n != 1)}"
+                if n
+                else "already loaded; no other notebook holds it"
+            )
+        return line
+
+    def __str__(self) -> str:
+        return self.summary
+
+    def _repr_pretty_(self, p, cycle) -> None:
+        p.text(self.summary)
+
+    def _repr_markdown_(self) -> str:
+        return _md_cell(self.summary)
+
+
+class Status(dict):
+    """The host's status (``/api/status``), shown as a table."""
+
+    def to_text(self) -> str:
+        """A fixed-width table, as ``llm-nb ps`` prints it."""
+        rows = [("NAME", "BACKEND", "DEVICE", "STATE", "MEMORY", "HELD BY", "IN FLIGHT", "SERVED", "UNTIL")]
+        for m in self.get("models", []):
+            holders = ", ".join(lease["name"] for lease in m["leases"]) or "-"
+            rows.append(
+                (
+                    m["name"],
+                    m["backend"],
+                    m.get("device") or "-",
+                    m["state"],
+                    format_bytes(m["memory_bytes"]),
+                    holders,
+                    str(m["in_flight"]),
+                    str(m["requests_served"]),
+                    _until(m, "-"),
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+        lines.append(
+            f"budget: {format_bytes(self.get('used_bytes', 0))} of {format_bytes(self.get('budget_bytes'))} "
+            f"({str(self.get('budget_kind', 'ram')).upper()}) used · host pid {self.get('pid')} at {self.get('url')}"
+        )
+        lines += [f"{m['name']} failed: {m['failure']}" for m in self.get("models", []) if m.get("failure")]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    def to_markdown(self) -> str:
+        rows = ["| model | backend | device | state | memory | held by | in flight | until |", "|---" * 8 + "|"]
+        for m in self.get("models", []):
+            holders = ", ".join(_md_cell(lease["name"]) for lease in m["leases"]) or "—"
+            rows.append(
+                f"| {_md_cell(m['name'])} | {m['backend']} | {m.get('device') or '—'} | {m['state']} | "
+                f"{format_bytes(m['memory_bytes'])} | {holders} | {m['in_flight']} | {_until(m, '—')} |"
+            )
+        if not self.get("models"):
+            rows = ["*no models loaded*"]
+        used, budget = self.get("used_bytes", 0), self.get("budget_bytes") or 1
+        rows.append("")
+        rows.append(
+            f"budget: **{format_bytes(used)}** of {format_bytes(budget)} {str(self.get('budget_kind', 'ram')).upper()} "
+            f"({100 * used / budget:.0f} %) · host pid {self.get('pid')} at {self.get('url')}"
+        )
+        for m in self.get("models", []):
+            if m.get("failure"):
+                rows.append(f"\n**{_md_cell(m['name'])} failed:** {_md_cell(m['failure'])}")
+        return "\n".join(rows)
+
+    def _repr_markdown_(self) -> str:
+        return self.to_markdown()
+
+    def _repr_pretty_(self, p, cycle) -> None:
+        p.text(self.to_text())
+
+    def model(self, name: str) -> dict | None:
+        return next((m for m in self.get("models", []) if m["name"] == name), None)
