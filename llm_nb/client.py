@@ -211,7 +211,7 @@ class Client(_Made, SyncTransport):
 
     def chat_stream(self, body: dict) -> ChatStream:
         started = time.perf_counter()
-        lines, close, _ = self.lines("/v1/chat/completions", _stream_body(body))
+        lines, close = self.lines("/v1/chat/completions", _stream_body(body))
         return ChatStream(lines, close, started)
 
     def chat_completion(self, messages: list[dict] | str, model: str | None = None, **params: Any) -> dict:

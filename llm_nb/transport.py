@@ -127,8 +127,8 @@ class SyncTransport:
         """A request with a JSON body (if any) and a JSON answer."""
         return self.send(method, path, json=body, **kwargs).json()
 
-    def lines(self, path: str, body: dict) -> tuple[Iterator[bytes], Callable[[], None], Callable]:
-        """POST and read the answer line by line: ``(lines, close, lost)``; ``lost(exc)`` is the error to raise."""
+    def lines(self, path: str, body: dict) -> tuple[Iterator[bytes], Callable[[], None]]:
+        """POST and read the answer line by line: ``(lines, close)``; closing early cancels the work on the host."""
         response = self.send("POST", path, json=body, stream=True)
         info = self.locator.info
 
@@ -138,11 +138,11 @@ class SyncTransport:
             except requests.RequestException as exc:
                 raise self.locator.lost(info, exc) from exc
 
-        return lines(), response.close, lambda exc: self.locator.lost(info, exc)
+        return lines(), response.close
 
     def progress(self, path: str, body: dict, on_progress: Callable[[dict], None] | None) -> dict:
         """POST with ``stream: true``: progress lines, then the answer; a host that dies mid-stream is an error."""
-        lines, close, _ = self.lines(path, dict(body, stream=True))
+        lines, close = self.lines(path, dict(body, stream=True))
         try:
             for line in lines:
                 answer = progress_answer(line, on_progress)
