@@ -44,9 +44,10 @@ test-fast:
 
 # What the JupyterLab extension template's CI checks: the server extension and the panel are
 # installed and enabled in this environment.
+# (The listings are printed, then searched: ``tee /dev/stderr`` would reopen, and so truncate, a log file.)
 check-extensions:
-	$(BIN)/jupyter server extension list 2>&1 | tee /dev/stderr | grep -Eq "llm_nb .*OK"
-	$(BIN)/jupyter labextension list 2>&1 | tee /dev/stderr | grep -Eq "llm-nb v.*enabled.*OK"
+	@out=$$($(BIN)/jupyter server extension list 2>&1); echo "$$out"; echo "$$out" | grep -Eq "llm_nb .*OK"
+	@out=$$($(BIN)/jupyter labextension list 2>&1); echo "$$out"; echo "$$out" | grep -Eq "llm-nb v.*enabled.*OK"
 
 lint:
 	$(BIN)/ruff check llm_nb tests benchmarks
