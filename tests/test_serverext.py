@@ -254,7 +254,13 @@ def test_panel_loads_chats_with_a_stream_and_unloads(jserver):
     chunks: list[str] = []
     with api.post(
         jserver.llm("chat"),
-        json={"model": "smollm2", "messages": [{"role": "user", "content": "Count to five."}], "max_tokens": 24},
+        # Greedy: a sampled reply may end after two tokens ("Shelter."), too short to show streaming.
+        json={
+            "model": "smollm2",
+            "messages": [{"role": "user", "content": "Count to five."}],
+            "max_tokens": 24,
+            "temperature": 0,
+        },
         stream=True,
         timeout=120,
     ) as response:
