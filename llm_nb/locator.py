@@ -9,6 +9,7 @@ the host ended, so that whoever comes next can say so.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -84,7 +85,7 @@ def _start(path: Path, host_args: list[str], env: dict[str, str] | None, timeout
         process.kill()  # the launcher forwards nothing after SIGKILL: end its host by its own pid too
         info = read_connection(path)
         if info and pid_alive(info.get("pid")):
-            os.kill(int(info["pid"]), 9)
+            os.kill(int(info["pid"]), signal.SIGKILL)
         why = f"did not answer within {timeout:.0f} s"
     else:
         why = f"ended while starting (its launcher exited with code {process.returncode})"
