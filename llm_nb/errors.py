@@ -101,6 +101,20 @@ class Timeout(LlmNbError):
     code, status, type = "timeout", 504, "server_error"
 
 
+class StructuredOutputError(LlmNbError):
+    """A reply that does not parse as JSON or does not validate against its schema.
+
+    Only a ``json_object`` reply, a reply cut at ``max_tokens`` or a remote engine's can fail so:
+    local decoding under a schema is constrained. ``raw`` is the reply's text as it came.
+    """
+
+    code, status, type = "invalid_output", 502, "server_error"
+
+    def __init__(self, message: str, *, raw: str = "", **details: Any):
+        super().__init__(message, **details)
+        self.raw = raw
+
+
 _BY_CODE: dict[str, type[LlmNbError]] = {
     cls.code: cls
     for cls in (
@@ -119,6 +133,7 @@ _BY_CODE: dict[str, type[LlmNbError]] = {
         HostUnavailable,
         RemoteError,
         Timeout,
+        StructuredOutputError,
     )
 }
 

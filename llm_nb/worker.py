@@ -84,6 +84,14 @@ def _error_response(exc: BaseException) -> web.Response:
     return web.json_response(exc.to_json(), status=exc.status)
 
 
+def _text_line(text: list[str], logprobs: list[dict] | None) -> bytes:
+    """Text deltas coalesced into one line, their tokens' logprobs (when asked) beside."""
+    line: dict = {"text": "".join(text)}
+    if logprobs is not None:
+        line["logprobs"] = logprobs
+    return _ndjson(line)
+
+
 def _ndjson(event: dict) -> bytes:
     return (json.dumps(event, ensure_ascii=False) + "\n").encode()
 
@@ -225,15 +233,19 @@ class Worker:
                 while not queue.empty():  # coalesce what is ready into one write
                     batch.append(queue.get_nowait())
                 text: list[str] = []
+                logprobs: list[dict] | None = None
                 lines: list[bytes] = []
                 done = False
+
                 for event in batch:
                     if isinstance(event, TextDelta):
                         text.append(event.text)
+                        if event.logprobs is not None:
+                            logprobs = (logprobs or []) + event.logprobs
                         continue
                     if text:
-                        lines.append(_ndjson({"text": "".join(text)}))
-                        text = []
+                        lines.append(_text_line(text, logprobs))
+                        text, logprobs = [], None
                     if isinstance(event, Finished):
                         lines.append(_ndjson(event.__dict__))
                     elif isinstance(event, BaseException):
@@ -244,7 +256,7 @@ class Worker:
                     elif event is _END:
                         done = True
                 if text:
-                    lines.append(_ndjson({"text": "".join(text)}))
+                    lines.append(_text_line(text, logprobs))
                 if response is None:
                     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
                     await response.prepare(request)

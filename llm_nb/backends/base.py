@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .. import tool_format
 from ..catalog import ModelSpec
 from ..errors import BackendUnavailable, InvalidRequest
 
@@ -37,6 +38,12 @@ class GenerationRequest:
     frequency_penalty: float = 0.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    #: An llguidance grammar, built and validated by the host: the reply must match it.
+    grammar: str | None = None
+    #: Report each token's logprob and this many alternatives (None: no logprobs).
+    logprobs: int | None = None
+    #: OpenAI tool definitions for the chat template (``llm_nb.tool_format``).
+    tools: list[dict] | None = None
 
     @classmethod
     def from_json(cls, data: dict) -> GenerationRequest:
@@ -46,6 +53,7 @@ class GenerationRequest:
 @dataclass
 class TextDelta:
     text: str
+    logprobs: list[dict] | None = None  # one entry per token, when the request asked
 
 
 @dataclass
@@ -86,6 +94,26 @@ class Backend:
 
     def tokenize(self, text: str) -> list[int]:
         raise InvalidRequest(f"model {self.spec.name!r} ({self.name}) cannot tokenize")
+
+    def chat_messages(self, request: GenerationRequest, render: Callable[[list[dict], list | None], str]) -> tuple:
+        """(messages, tools) for the chat template: tools as fields where it renders them, else as text.
+
+        Whether a template renders tools is found by rendering once with and once without them.
+        """
+        messages = request.messages or []
+        tool_turns = any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
+        if not request.tools and not tool_turns:
+            return tool_format.template_messages(messages, None, tools_supported=True), None
+        supported = getattr(self, "_template_takes_tools", None)
+        if supported is None and request.tools:
+            probe = [{"role": "user", "content": "hi"}]
+            try:
+                supported = render(probe, request.tools) != render(probe, None)
+            except Exception:  # a template that chokes on tools ignores them as far as we are concerned
+                supported = False
+            self._template_takes_tools = supported
+        messages = tool_format.template_messages(messages, request.tools, bool(supported))
+        return messages, (request.tools if supported else None)
 
     def info(self) -> dict[str, Any]:
         """Device, context length, chat format and whatever else status should show."""

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .base import Finished, GenerationEvent, GenerationRequest, StopBuffer, TextDelta
+from .constraints import LogprobQueue, logprob_entry
 
 log = logging.getLogger("llm_nb.backends.batching")
 
@@ -93,6 +94,10 @@ class Sequence:
     submitted: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     generator: Any = None
+    constraint: Any = None  # a backends.constraints.Constraint when the reply must match a grammar
+    logprobs: LogprobQueue = field(default_factory=LogprobQueue)
+    last_entry: dict | None = None  # the sampled token's logprob entry, until the token is accepted
+    token_bytes: Any = None  # token id -> its exact bytes, for logprob entries (else the tokenizer's decode)
 
     def __post_init__(self) -> None:
         self.stopper = StopBuffer(self.stops)
@@ -100,6 +105,14 @@ class Sequence:
     @property
     def gone(self) -> bool:
         return self.abandoned or self.cancelled.is_set()
+
+    @property
+    def guided(self) -> bool:
+        """This row needs its own logits looked at: a grammar, or logprobs to report."""
+        return self.constraint is not None or self.request.logprobs is not None
+
+    def taken_logprobs(self) -> list[dict] | None:
+        return self.logprobs.take() if self.request.logprobs is not None else None
 
     def emit(self, event: GenerationEvent | BaseException) -> None:
         self.events.put(event)
@@ -109,7 +122,7 @@ class Sequence:
             return
         tail = self.stopper.push(self.detokenizer.flush()) + self.stopper.flush()
         if tail:
-            self.emit(TextDelta(tail))
+            self.emit(TextDelta(tail, self.taken_logprobs()))
         self.emit(Finished(reason, len(self.prompt_ids), len(self.generated)))
         self.done = True
 
@@ -319,7 +332,7 @@ class BatchEngine:
         greedy = logits.argmax(dim=-1).tolist()
         keep = []
         for i, seq in enumerate(self.rows):
-            token = greedy[i] if _plain_greedy(seq.request) else self._sample(seq, logits[i])
+            token = greedy[i] if _plain_greedy(seq.request) and not seq.guided else self._sample(seq, logits[i])
             self._accept(seq, token)
             if not seq.done:
                 self.next_tokens[i] = token
@@ -336,16 +349,44 @@ class BatchEngine:
             return
         seq.generated.append(token)
         self.tokens_out += 1
+        if seq.last_entry is not None:
+            seq.logprobs.add(seq.last_entry)
+            seq.last_entry = None
+        if seq.constraint is not None:
+            try:
+                seq.constraint.consume(token)
+            except Exception as exc:  # this row's grammar broke: end it alone, the batch goes on
+                seq.fail(exc)
+                return
         text = seq.stopper.push(seq.detokenizer.push(token))
         if text:
-            seq.emit(TextDelta(text))
-        if seq.stopper.stopped:
+            seq.emit(TextDelta(text, seq.taken_logprobs()))
+        if seq.stopper.stopped or (seq.constraint is not None and seq.constraint.done):
             seq.finish("stop")
         elif len(seq.generated) >= seq.max_new_tokens:
             seq.finish("length")
 
     def _sample(self, seq: Sequence, logits) -> int:
         """One token for one sequence from its last logits (float32, [vocab])."""
+        torch = self.torch
+        request = seq.request
+        raw = None
+        if request.logprobs is not None:  # of the raw distribution, before penalties and the grammar
+            raw = torch.log_softmax(logits, dim=-1).cpu().numpy()
+        if seq.constraint is not None:
+            allowed = torch.from_numpy(seq.constraint.allowed(logits.shape[-1])).to(logits.device)
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        token = self._pick(seq, logits)
+        if raw is not None:
+            seq.last_entry = logprob_entry(raw, token, request.logprobs, seq.token_bytes or self._piece)
+        return token
+
+    def _piece(self, token: int) -> bytes:
+        with self.tokenizer_lock:
+            return self.tokenizer.decode([token]).encode("utf-8")
+
+    def _pick(self, seq: Sequence, logits) -> int:
+        """Penalties, then greedy or sampling (temperature, top-k, min-p, top-p, the row's seed)."""
         torch = self.torch
         request = seq.request
         logits = _apply_penalties(torch, logits, seq)

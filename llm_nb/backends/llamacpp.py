@@ -14,6 +14,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+
 from ..errors import BackendUnavailable, ContextLengthExceeded, InvalidRequest, ModelFailed
 from .base import (
     Backend,
@@ -25,6 +27,7 @@ from .base import (
     TextDelta,
     coerce_option,
 )
+from .constraints import Constraint, LogprobQueue, log_softmax, logprob_entry
 
 #: Options a load may set, with their types; anything else is refused by name.
 LOAD_OPTIONS: dict[str, type] = {
@@ -98,6 +101,7 @@ class LlamaCppBackend(Backend):
         self._is_eog = llama_cpp.llama_vocab_is_eog
         self.formatter = self._chat_formatter()
         self.lock = threading.Lock()
+        self._lltokenizer = None
         progress("ready", 1.0)
 
     def _chat_formatter(self):
@@ -126,8 +130,13 @@ class LlamaCppBackend(Backend):
     def _prompt_tokens(self, request: GenerationRequest) -> tuple[list[int], list[str]]:
         """Token ids of the prompt, and stop strings the chat format adds."""
         if request.kind == "chat":
+
+            def render(messages: list[dict], tools: list | None) -> str:
+                return self.formatter(messages=messages, **({"tools": tools} if tools else {})).prompt
+
             try:
-                result = self.formatter(messages=request.messages)
+                messages, tools = self.chat_messages(request, render)
+                result = self.formatter(messages=messages, **({"tools": tools} if tools else {}))
             except Exception as exc:  # a template that refuses the messages (e.g. roles out of order)
                 raise InvalidRequest(f"the model's chat template rejected the messages: {exc}") from exc
             stops = [result.stop] if isinstance(result.stop, str) else list(result.stop or [])
@@ -151,7 +160,8 @@ class LlamaCppBackend(Backend):
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         produced = 0
         finish = "length"
-        with self.lock:
+        with self.lock:  # also keeps concurrent first requests from building the llguidance tokenizer twice
+            guide = _Guide(self, request) if request.grammar or request.logprobs is not None else None
             if request.seed is not None:
                 self.llm.set_seed(int(request.seed))
             greedy = request.temperature <= 0
@@ -164,6 +174,7 @@ class LlamaCppBackend(Backend):
                 repeat_penalty=request.repeat_penalty,
                 presence_penalty=request.presence_penalty,
                 frequency_penalty=request.frequency_penalty,
+                logits_processor=[guide.process] if guide else None,
             ):
                 if cancelled.is_set():
                     finish = "cancelled"
@@ -172,19 +183,33 @@ class LlamaCppBackend(Backend):
                     finish = "stop"
                     break
                 produced += 1
+                if guide:
+                    guide.accept(token)
                 piece = self.llm.detokenize([token])
                 text = stopper.push(decoder.decode(piece))
                 if text:
-                    yield TextDelta(text)
-                if stopper.stopped:
+                    yield TextDelta(text, guide.logprobs.take() if guide and guide.top is not None else None)
+                if stopper.stopped or (guide and guide.complete):
                     finish = "stop"
                     break
                 if produced >= max_tokens:
                     break
         tail = stopper.push(decoder.decode(b"", final=True)) + stopper.flush()
         if tail:
-            yield TextDelta(tail)
+            yield TextDelta(tail, guide.logprobs.take() if guide and guide.top is not None else None)
         yield Finished(finish, len(tokens), produced)
+
+    def grammar_tokenizer(self):
+        """llguidance's view of the vocabulary, built on the first request that needs it (~0.2 s)."""
+        if self._lltokenizer is None:
+            import warnings
+
+            import llguidance.llamacpp
+
+            with warnings.catch_warnings():  # llguidance calls a deprecated llama.cpp function once per token
+                warnings.filterwarnings("ignore", message="llama_token_get_attr is deprecated")
+                self._lltokenizer = llguidance.llamacpp.lltokenizer_from_vocab(self.vocab)
+        return self._lltokenizer
 
     def tokenize(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
@@ -217,3 +242,39 @@ class LlamaCppBackend(Backend):
             "n_params": model.n_params(),
             "file_bytes": os.path.getsize(self.spec.path),
         }
+
+
+class _Guide:
+    """A grammar mask and logprob capture, run as llama.cpp's logits processor.
+
+    The processor sees the raw logits in vocabulary order before penalties and sampling
+    (the first stage of llama-cpp-python's sampler chain): logprobs are taken from
+    them, then the tokens the grammar forbids are set to -inf.
+    """
+
+    def __init__(self, backend: LlamaCppBackend, request: GenerationRequest):
+        self.backend = backend
+        self.constraint = Constraint(backend.grammar_tokenizer(), request.grammar) if request.grammar else None
+        self.top = request.logprobs
+        self.logprobs = LogprobQueue()
+        self.raw = None
+
+    def process(self, _input_ids, logits):
+        if self.top is not None:
+            self.raw = np.array(logits, dtype=np.float32)
+        if self.constraint is not None:
+            logits[~self.constraint.allowed(len(logits))] = -np.inf
+        return logits
+
+    def accept(self, token: int) -> None:
+        if self.top is not None and self.raw is not None:
+            self.logprobs.add(logprob_entry(log_softmax(self.raw), token, self.top, self._piece))
+        if self.constraint is not None:
+            self.constraint.consume(token)
+
+    def _piece(self, token: int) -> bytes:
+        return self.backend.llm.detokenize([token], special=True)
+
+    @property
+    def complete(self) -> bool:
+        return self.constraint is not None and self.constraint.done

@@ -29,6 +29,7 @@ from typing import Any
 
 from ..errors import BackendUnavailable, ContextLengthExceeded, InvalidRequest, ModelFailed
 from .base import Backend, GenerationEvent, GenerationRequest, Progress
+from .constraints import Constraint
 from .transformers_options import (
     check_quantize,
     check_task,
@@ -209,10 +210,18 @@ class TransformersBackend(Backend):
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         with self.tokenizer_lock:
             if request.kind == "chat":
-                try:
-                    text = self.tokenizer.apply_chat_template(
-                        request.messages, add_generation_prompt=True, tokenize=False, chat_template=self.chat_template
+
+                def render(messages: list[dict], tools: list | None) -> str:
+                    return self.tokenizer.apply_chat_template(
+                        messages,
+                        tools=tools,
+                        add_generation_prompt=True,
+                        tokenize=False,
+                        chat_template=self.chat_template,
                     )
+
+                try:
+                    text = render(*self.chat_messages(request, render))
                 except Exception as exc:  # a template that refuses the messages (e.g. roles out of order)
                     raise InvalidRequest(f"the model's chat template rejected the messages: {exc}") from exc
                 # The template writes its own BOS where the model wants one.
@@ -235,6 +244,14 @@ class TransformersBackend(Backend):
             )
         room = self.n_ctx - len(ids)
         max_new = room if not request.max_tokens or request.max_tokens <= 0 else min(request.max_tokens, room)
+        # Built here, not in the engine thread, so its first build never stalls a running batch.
+        lltokenizer = None
+        if request.grammar or request.logprobs is not None:
+            try:
+                lltokenizer = self.grammar_tokenizer()
+            except Exception as exc:  # a tokenizer llguidance cannot read: logprobs fall back to decode()
+                if request.grammar:
+                    raise InvalidRequest(f"constrained decoding cannot use this model's tokenizer: {exc}") from exc
         seq = Sequence(
             request=request,
             prompt_ids=ids,
@@ -242,8 +259,20 @@ class TransformersBackend(Backend):
             stops=list(request.stop or []),
             cancelled=cancelled,
             detokenizer=Detokenizer(self.tokenizer, self.tokenizer_lock),
+            constraint=Constraint(lltokenizer, request.grammar) if request.grammar else None,
+            # llguidance knows each token's exact bytes; decoding one byte-level token alone may give U+FFFD.
+            token_bytes=(lambda token: lltokenizer.decode_bytes([token])) if lltokenizer is not None else None,
         )
         return self._stream(seq, Finished)
+
+    def grammar_tokenizer(self):
+        """llguidance's view of the vocabulary, built on the first request that needs it."""
+        with self.tokenizer_lock:
+            if getattr(self, "_lltokenizer", None) is None:
+                import llguidance.hf
+
+                self._lltokenizer = llguidance.hf.from_tokenizer(self.tokenizer)
+            return self._lltokenizer
 
     def _stream(self, seq, finished_type) -> Iterator[GenerationEvent]:
         self.engine.submit(seq)
