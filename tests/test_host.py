@@ -176,7 +176,7 @@ BAD_REQUESTS = [
     ),
     (
         "/v1/chat/completions",
-        {"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "n": 3},
+        {"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "n": 9},
         400,
         "invalid_request",
     ),

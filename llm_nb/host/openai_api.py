@@ -11,8 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import struct
-import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -23,7 +21,9 @@ from ..errors import LlmNbError
 from .http import HEARTBEAT, PRINCIPAL, read_json, with_heartbeats
 from .loaded import LoadedModel
 from .registry import Registry
+from .relay import RAW_BODY, relay, relayed
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, parse
+from .shaping import Choice, Shaper, merged
 
 routes = web.RouteTableDef()
 
@@ -47,78 +47,33 @@ def _sse(data: dict | str) -> bytes:
     return f"data: {text}\n\n".encode()
 
 
-def _usage(final: dict) -> dict:
-    prompt, completion = final.get("prompt_tokens", 0), final.get("completion_tokens", 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-class _Shaper:
-    """Builds chat or text-completion objects, whole or as stream chunks."""
-
-    def __init__(self, kind: str, model: str):
-        self.kind = kind
-        self.model = model
-        self.created = int(time.time())
-        prefix = "chatcmpl" if kind == "chat" else "cmpl"
-        self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-    def chunk(self, text: str | None = None, finish_reason: str | None = None, role: bool = False) -> dict:
-        if self.kind == "chat":
-            delta: dict = {}
-            if role:
-                delta["role"] = "assistant"
-            if text is not None:
-                delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            obj = "chat.completion.chunk"
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-            obj = "text_completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [choice]}
-
-    def usage_chunk(self, final: dict) -> dict:
-        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        return {
-            "id": self.id,
-            "object": obj,
-            "created": self.created,
-            "model": self.model,
-            "choices": [],
-            "usage": _usage(final),
-        }
-
-    def whole(self, text: str, final: dict) -> dict:
-        if self.kind == "chat":
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": final.get("finish_reason"),
-            }
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": final.get("finish_reason")}
-            obj = "text_completion"
-        return {
-            "id": self.id,
-            "object": obj,
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-            "usage": _usage(final),
-        }
+def _payloads(parsed) -> list[dict]:
+    """One worker request per choice; a seed, if given, differs per choice so the choices differ."""
+    payload = parsed.worker_request()  # builds and checks the grammar: a 400 before anything is queued
+    payloads = []
+    for index in range(parsed.n):
+        one = dict(payload)
+        if index and one.get("seed") is not None:
+            one["seed"] = (one["seed"] + index) % 2**64
+        payloads.append(one)
+    return payloads
 
 
 async def _respond(request: web.Request, kind: str, parsed) -> web.StreamResponse:
     registry = registry_of(request)
     model = registry.get(parsed.model)
     request[PRINCIPAL].require(model.spec.name)
-    shaper = _Shaper(kind, model.spec.name)
+    if relayed(parsed, model):  # a remote engine answers these fields itself
+        return await relay(request, model, parsed)
+    tools = parsed.callable_tools()[0] if kind == "chat" else []
+    shaper = Shaper(kind, model.spec.name)
+    choices = [Choice(i, tools) for i in range(parsed.n)]
+    sources = [generation_events(model, payload) for payload in _payloads(parsed)]
     if not parsed.stream:
-        return web.json_response(await _whole(shaper, generation_events(model, parsed.worker_request())))
+        return web.json_response(await _whole(shaper, choices, merged(sources)))
     # Heartbeats while the request waits in the queue or the worker is busy: a reader whose host
     # goes silent for any reason can tell within seconds (its read timeout is a little above this).
-    events = with_heartbeats(generation_events(model, parsed.worker_request()), heartbeat_interval())
+    events = with_heartbeats(merged(sources), heartbeat_interval())
     async with aclosing(events):
         first = await anext(events)  # queue full, context too long...: a plain error status, not a broken stream
         response = web.StreamResponse(
@@ -126,56 +81,84 @@ async def _respond(request: web.Request, kind: str, parsed) -> web.StreamRespons
         )
         await response.prepare(request)
         if kind == "chat":
-            await response.write(_sse(shaper.chunk(text="", role=True)))
-        event = first
+            for choice in choices:
+                await response.write(_sse(shaper.chunk(choice.index, text="", role=True)))
+        item = first
         try:
             while True:
-                if event is HEARTBEAT:
+                if item is HEARTBEAT:
                     await response.write(b": heartbeat\n\n")
-                elif "text" in event:
-                    await response.write(_sse(shaper.chunk(text=event["text"])))
-                elif "error" in event:
-                    await response.write(_sse(event))
-                    return response
                 else:
-                    blank = "" if kind == "completion" else None
-                    await response.write(_sse(shaper.chunk(text=blank, finish_reason=event.get("finish_reason"))))
-                    if parsed.include_usage and "completion_tokens" in event:  # a remote may count none
-                        await response.write(_sse(shaper.usage_chunk(event)))
+                    index, event = item
+                    if "error" in event:
+                        await response.write(_sse(event))
+                        return response
+                    await _write_event(response, shaper, choices[index], event)
                 try:
-                    event = await anext(events)
+                    item = await anext(events)
                 except StopAsyncIteration:
                     break
         except LlmNbError as exc:  # the worker or remote died mid-stream: tell the client in-band
             await response.write(_sse(exc.to_json()))
             return response
+        if parsed.include_usage and all("completion_tokens" in c.final for c in choices):  # a remote may count none
+            await response.write(_sse(shaper.usage_chunk([c.final for c in choices])))
         await response.write(_sse("[DONE]"))
         await response.write_eof()
         return response
 
 
-async def _whole(shaper: _Shaper, source: AsyncIterator[dict]) -> dict:
-    """A whole (not streamed) answer from the runner's events."""
-    parts, final = [], {}
+async def _write_event(response: web.StreamResponse, shaper: Shaper, choice: Choice, event: dict) -> None:
+    """One runner event of one choice, as the chunks it makes."""
+    index = choice.index
+    if "text" in event:
+        content, calls = choice.stream(event)
+        if content or event.get("logprobs"):
+            await response.write(_sse(shaper.chunk(index, text=content, logprobs=event.get("logprobs"))))
+        await _write_calls(response, shaper, choice, calls)
+        return
+    choice.final = event
+    content, calls = choice.stream_end()
+    if content:
+        await response.write(_sse(shaper.chunk(index, text=content)))
+    await _write_calls(response, shaper, choice, calls)
+    blank = "" if shaper.kind == "completion" else None
+    await response.write(_sse(shaper.chunk(index, text=blank, finish_reason=choice.finish_reason())))
+
+
+async def _write_calls(response: web.StreamResponse, shaper: Shaper, choice: Choice, calls: list[dict]) -> None:
+    # Each call goes out whole, in one delta, once it has closed: the openai client's
+    # accumulator takes a call in one piece as well as in many.
+    for call in calls:
+        position = choice.calls.index(call)
+        await response.write(_sse(shaper.chunk(choice.index, tool_calls=[dict(call, index=position)])))
+
+
+async def _whole(shaper: Shaper, choices: list[Choice], source: AsyncIterator[tuple[int, dict]]) -> dict:
+    """A whole (not streamed) answer from the runners' events."""
     async with aclosing(source) as events:
-        async for event in events:
+        async for index, event in events:
             if "text" in event:
-                parts.append(event["text"])
+                choices[index].add(event)
             elif "error" in event:
                 raise LlmNbError(event["error"].get("message", "generation failed"), code=event["error"].get("code"))
             else:
-                final = event
-    return shaper.whole("".join(parts), final)
+                choices[index].final = event
+    return shaper.whole(choices)
 
 
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await _respond(request, "chat", parse(ChatCompletionRequest, await read_json(request)))
+    body = await read_json(request)
+    request[RAW_BODY] = body  # a remote engine gets the request as sent (relay)
+    return await _respond(request, "chat", parse(ChatCompletionRequest, body))
 
 
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
-    return await _respond(request, "completion", parse(CompletionRequest, await read_json(request)))
+    body = await read_json(request)
+    request[RAW_BODY] = body
+    return await _respond(request, "completion", parse(CompletionRequest, body))
 
 
 @routes.post("/v1/embeddings")

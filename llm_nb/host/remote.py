@@ -35,7 +35,7 @@ log = logging.getLogger("llm_nb.host.remote")
 HEALTH_INTERVAL_S = 15.0
 DEFAULT_CONCURRENCY = 4
 #: Keys of a worker request that are not sampling parameters of the OpenAI request.
-_NOT_SAMPLING = ("kind", "messages", "prompt", "stop", "stream")
+_NOT_SAMPLING = ("kind", "messages", "prompt", "stop", "stream", "grammar", "tools", "logprobs")
 
 
 def openai_base(url: str) -> str:

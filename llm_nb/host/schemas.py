@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import InvalidRequest
+from .structured import chosen_tools, grammar_for
 
 MAX_TOKENS_LIMIT = 1_000_000
 StopStr = Annotated[str, Field(min_length=1, max_length=256)]
@@ -44,10 +45,36 @@ class TextPart(_Base):
     text: str
 
 
+ToolName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")]
+
+
+class FunctionCall(_Base):
+    name: ToolName
+    arguments: str = Field(max_length=1_000_000, description="the arguments, as a JSON string")
+
+
+class ToolCall(_Base):
+    id: str = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Base):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, max_length=64)
+    tool_call_id: str | None = Field(None, max_length=256)
+
+    def worker_message(self) -> dict:
+        """The message as a chat template takes it (``developer`` is ``system`` to templates)."""
+        out: dict = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+            out["content"] = self.text() or None
+        if self.role == "tool":
+            out.update(tool_call_id=self.tool_call_id, name=self.name)
+        return out
 
     def text(self) -> str:
         if self.content is None:
@@ -59,6 +86,54 @@ class ChatMessage(_Base):
 
 class StreamOptions(_Base):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(_Base):
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Base):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def as_dict(self) -> dict:
+        out: dict = {"type": self.type}
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise InvalidRequest(
+                    'response_format {"type": "json_schema"} needs "json_schema": {"name", "schema"}',
+                    param="response_format",
+                )
+            out["json_schema"] = {
+                "name": self.json_schema.name,
+                "schema": self.json_schema.schema_,
+                "strict": self.json_schema.strict,
+            }
+        return out
+
+
+class FunctionDefinition(_Base):
+    name: ToolName
+    description: str | None = Field(None, max_length=100_000)
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(_Base):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Base):
+    name: ToolName
+
+
+class NamedToolChoice(_Base):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class SamplingParams(_Base):
@@ -73,11 +148,10 @@ class SamplingParams(_Base):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     stop: StopStr | list[StopStr] | None = None
-    n: int = Field(1, ge=1, le=1, description="only n=1 is served")
+    n: int = Field(1, ge=1, le=8, description="choices to generate (1 to 8)")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: bool | int | None = None
-    response_format: dict | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -86,19 +160,15 @@ class SamplingParams(_Base):
             raise ValueError("at most 8 stop sequences")
         return value
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value):
-        if value:
-            raise ValueError("logprobs are not served by llm-nb")
-        return value
+    #: How many alternatives each token's logprob comes with (None: no logprobs); set by the subclasses.
+    def top_logprobs_asked(self) -> int | None:
+        return None
 
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, value):
-        if value and value.get("type") not in (None, "text"):
-            raise ValueError('only response_format {"type": "text"} is served')
-        return value
+    def constraints(self) -> dict:
+        """``grammar`` (and ``tools``) for the worker; the grammar is validated here (a 400 if it cannot compile)."""
+        fmt = self.response_format.as_dict() if self.response_format else None
+        grammar = grammar_for(fmt, [], "none")
+        return {"grammar": grammar} if grammar else {}
 
     def generation(self, **fields: Any) -> dict:
         """The worker's GenerationRequest as JSON.
@@ -108,6 +178,7 @@ class SamplingParams(_Base):
         """
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         out = {
+            "logprobs": self.top_logprobs_asked(),
             "stream": self.stream,
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
@@ -131,24 +202,51 @@ class SamplingParams(_Base):
 class ChatCompletionRequest(SamplingParams):
     messages: list[ChatMessage] = Field(min_length=1, max_length=10_000)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
-    tools: list | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = Field(
+        None, description="allow several calls in one reply; off unless asked, as llama.cpp's server does"
+    )
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value):
-        if value:
-            raise ValueError("tool calling is not served by llm-nb yet")
-        return value
+    def top_logprobs_asked(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def callable_tools(self) -> tuple[list[dict], str]:
+        """The tools the model may call and how ("none", "auto" or "required"), after tool_choice."""
+        tools = [tool.model_dump(exclude_none=True) for tool in self.tools or []]
+        choice = self.tool_choice.model_dump() if isinstance(self.tool_choice, NamedToolChoice) else self.tool_choice
+        return chosen_tools(tools, choice)
+
+    def constraints(self) -> dict:
+        tools, mode = self.callable_tools()
+        fmt = self.response_format.as_dict() if self.response_format else None
+        out: dict = {"grammar": grammar_for(fmt, tools, mode, bool(self.parallel_tool_calls))}
+        if mode != "none":
+            out["tools"] = tools
+        return {k: v for k, v in out.items() if v is not None}
 
     def worker_request(self) -> dict:
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
-        return self.generation(kind="chat", messages=messages, max_tokens=self.max_completion_tokens or self.max_tokens)
+        messages = [m.worker_message() for m in self.messages]
+        return self.generation(
+            kind="chat",
+            messages=messages,
+            max_tokens=self.max_completion_tokens or self.max_tokens,
+            **self.constraints(),
+        )
 
 
 class CompletionRequest(SamplingParams):
     prompt: str | list[str]
     echo: bool = False
     suffix: str | None = None
+    logprobs: int | None = Field(None, ge=0, le=20, description="alternatives per token (the legacy field)")
+
+    def top_logprobs_asked(self) -> int | None:
+        return self.logprobs
 
     @field_validator("echo")
     @classmethod
@@ -175,7 +273,7 @@ class CompletionRequest(SamplingParams):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
     def worker_request(self) -> dict:
-        return self.generation(kind="completion", prompt=self.prompt_text())
+        return self.generation(kind="completion", prompt=self.prompt_text(), **self.constraints())
 
 
 class EmbeddingRequest(_Base):

@@ -1,0 +1,64 @@
+"""Requests a remote engine answers itself: structured output, tools, logprobs and n, relayed unchanged.
+
+The host serves these fields for its own models through llguidance and its
+shaping; a remote engine (vLLM, llama.cpp's server, another llm-nb) has its own
+implementation, so the request goes to it as the client wrote it (only
+``model`` renamed) and its answer, whole or streamed, comes back with this
+host's model name.
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from ..errors import LlmNbError
+from .loaded import LoadedModel
+from .remote import RemoteEngine
+
+#: Where a route keeps the request's JSON as the client sent it.
+RAW_BODY = "llm_nb.openai_body"
+#: Fields that make a request go to a remote engine unchanged.
+RELAYED_FIELDS = ("response_format", "tools", "tool_choice", "parallel_tool_calls", "logprobs", "top_logprobs", "n")
+
+
+def relayed(parsed, model: LoadedModel) -> bool:
+    return isinstance(model.runner, RemoteEngine) and any(name in parsed.model_fields_set for name in RELAYED_FIELDS)
+
+
+async def relay(request: web.Request, model: LoadedModel, parsed) -> web.StreamResponse:
+    engine: RemoteEngine = model.runner
+    if refused := engine._openai_only():
+        raise refused
+    body = dict(request.get(RAW_BODY) or parsed.model_dump(mode="json", by_alias=True, exclude_unset=True))
+    body["model"] = engine.remote_model
+    path = "chat/completions" if "messages" in body else "completions"
+    async with model.queue.slot():
+        model.touch()
+        async with engine._post(path, body) as remote:
+            if not parsed.stream:
+                answer = await remote.json(content_type=None)
+                if isinstance(answer, dict):
+                    answer["model"] = model.spec.name
+                model.requests_served += 1
+                return web.json_response(answer)
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await response.prepare(request)
+            try:
+                async for line in remote.content:
+                    if not line.startswith(b"data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data.startswith(b"{"):
+                        chunk = json.loads(data)
+                        if isinstance(chunk, dict) and "model" in chunk:
+                            chunk["model"] = model.spec.name
+                        data = json.dumps(chunk, ensure_ascii=False).encode()
+                    await response.write(b"data: " + data + b"\n\n")
+            except LlmNbError as exc:  # the remote died mid-stream: say so in-band
+                await response.write(b"data: " + json.dumps(exc.to_json()).encode() + b"\n\n")
+            model.requests_served += 1
+            model.touch()
+            await response.write_eof()
+            return response
