@@ -6,15 +6,16 @@ torch, transformers or llama_cpp), so it is safe in every kernel.
 """
 
 from ._version import __version__
-from .errors import LlmNbError
+from .errors import LlmNbError, StructuredOutputError
 
-__all__ = ["LlmNbError", "__version__"]
+__all__ = ["LlmNbError", "StructuredOutputError", "__version__"]
 
-# The Python API (llm_nb.load, chat, unload, status, history, panel), imported on first use
+# The Python API (llm_nb.load, chat, extract, unload, status, history, panel), imported on first use
 # so that ``import llm_nb`` pulls in neither requests nor ipywidgets.
-_API = ("load", "chat", "unload", "status", "history", "panel", "Session", "default_session")
+_API = ("load", "chat", "extract", "unload", "status", "history", "panel", "Session", "default_session")
 _DEPLOY = ("deploy", "undeploy")  # llm_nb.deploy(name, folder), from llm_nb.deployment
-__all__ += list(_API) + list(_DEPLOY)
+_STRUCTURED = ("ToolCall", "json_schema_of", "tool_of", "validate_as")  # llm_nb.structured (pydantic)
+__all__ += list(_API) + list(_DEPLOY) + list(_STRUCTURED)
 
 
 def __getattr__(name: str):
@@ -22,6 +23,10 @@ def __getattr__(name: str):
         from . import api
 
         return getattr(api, name)
+    if name in _STRUCTURED:
+        from . import structured
+
+        return getattr(structured, name)
     if name in _DEPLOY:
         from . import deployment
 

@@ -6,6 +6,9 @@
     for piece in llm_nb.chat("and in German?", stream=True):
         print(piece, end="")
     llm_nb.history()                    # the messages so far
+    llm_nb.extract(Person, "Ada, 36, lives in London")  # a validated Person (see llm_nb.structured)
+    reply = llm_nb.chat("Weather in Paris?", tools=[get_weather])
+    reply.run_tools(); llm_nb.chat(tools=[get_weather])   # the calls run, then the answer from their results
     llm_nb.status()                     # what the host holds, for whom
     llm_nb.unload()
 
@@ -35,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from .config import DEFAULT_MODEL
 from .errors import InvalidRequest, LlmNbError, ModelLoading, ModelNotFound, print_notice
 from .processes import OOM_HOLD_S
+from .reply import ChatReply
 from .results import LoadResult, Status, Undeployed, UnloadResult
 
 if TYPE_CHECKING:  # the client pulls in requests; keep ``import llm_nb`` light
@@ -49,6 +53,7 @@ __all__ = [
     "UnloadResult",
     "chat",
     "default_session",
+    "extract",
     "history",
     "load",
     "panel",
@@ -69,120 +74,6 @@ def parse_options(pairs: list[str] | None) -> dict[str, Any]:
         except ValueError:
             options[key.strip()] = value
     return options
-
-
-class ChatReply:
-    """A reply as it streams: iterate for text chunks.
-
-    However it ends (finished, interrupted, or closed early) the user's message
-    and the reply so far go into the conversation; ``interrupted`` says which.
-    """
-
-    def __init__(
-        self,
-        session: Session,
-        model: str,
-        stream: ChatStream,
-        user_message: dict,
-        keep: bool,
-    ):
-        self.session = session
-        self.model = model
-        self._stream = stream
-        self._user_message = user_message
-        self._keep = keep
-        self._recorded = False
-        self._iterator: Iterator[str] | None = None
-        self.finished = False
-        self.interrupted = False
-        self.error: BaseException | None = None
-
-    # --- reading ---------------------------------------------------------------
-    def __iter__(self) -> Iterator[str]:
-        if self._iterator is None:
-            self._iterator = self._run()
-        return self._iterator
-
-    def _run(self) -> Iterator[str]:
-        try:
-            yield from self._stream
-            self.finished = True
-        except (KeyboardInterrupt, GeneratorExit):
-            self.interrupted = True
-            raise
-        except BaseException as exc:
-            self.error = exc
-            raise
-        finally:
-            self._stream.close()  # the host cancels at its next token
-            self._record()
-
-    def close(self) -> None:
-        """Stop the generation on the host; what came so far stays in the conversation."""
-        if self._iterator is not None:
-            self._iterator.close()
-        if not self.finished:
-            self.interrupted = True
-        self._stream.close()
-        self._record()
-
-    def read(self) -> str:
-        for _ in self:
-            pass
-        return self.text
-
-    def _record(self) -> None:
-        if self._recorded or not self._keep:
-            return
-        self._recorded = True
-        if self.error is not None and not self.text:
-            return  # nothing was said: a failed request leaves the conversation as it was
-        self.session._append(self.model, self._user_message, {"role": "assistant", "content": self.text})
-
-    # --- what came back ----------------------------------------------------------
-    @property
-    def text(self) -> str:
-        return self._stream.text
-
-    @property
-    def usage(self) -> dict | None:
-        return self._stream.usage
-
-    @property
-    def first_token_s(self) -> float | None:
-        return self._stream.first_token_s
-
-    @property
-    def elapsed_s(self) -> float:
-        return (
-            self._stream.elapsed_s if self._stream.elapsed_s is not None else time.perf_counter() - self._stream.started
-        )
-
-    @property
-    def tokens(self) -> int:
-        """Generated tokens: the host's count, or the chunks seen when the reply was cut short."""
-        if self.usage and self.usage.get("completion_tokens") is not None:
-            return int(self.usage["completion_tokens"])
-        return len(self._stream.parts)
-
-    @property
-    def tokens_per_s(self) -> float | None:
-        """Decode speed: tokens after the first over the time after the first."""
-        if self.first_token_s is None or self.tokens < 2:
-            return None
-        decode = self.elapsed_s - self.first_token_s
-        return (self.tokens - 1) / decode if decode > 0 else None
-
-    def footer(self) -> str:
-        parts = [f"{self.tokens} token{'s' * (self.tokens != 1)}"]
-        if self.first_token_s is not None:
-            parts.append(f"first token {self.first_token_s:.2f} s")
-        if self.tokens_per_s is not None:
-            parts.append(f"{self.tokens_per_s:.1f} tokens/s")
-        parts.append(self.model)
-        if self.interrupted:
-            parts.append("interrupted: stopped on the host, partial reply kept")
-        return " · ".join(parts)
 
 
 class Session:
@@ -270,7 +161,7 @@ class Session:
 
     def stream(
         self,
-        prompt: str,
+        prompt: str | None,
         model: str | None = None,
         *,
         system: str | None = None,
@@ -278,6 +169,9 @@ class Session:
         keep: bool = True,
         on_progress: Callable[[dict], None] | None = None,
         load_fields: dict[str, Any] | None = None,
+        schema: Any = None,
+        tools: list | None = None,
+        tool_choice: Any = None,
         **params: Any,
     ) -> ChatReply:
         """Send ``prompt`` in the model's conversation and return the reply as it streams.
@@ -285,11 +179,18 @@ class Session:
         ``new`` starts the conversation over; ``system`` sets its system message;
         ``keep=False`` sends the prompt alone and leaves the conversation as it is.
         ``load_fields`` (e.g. ``keep_alive``) apply when the model must be loaded first.
+        ``schema`` (a pydantic model, dataclass, TypedDict, JSON-schema dict, or "json") makes the
+        reply JSON of that shape, which ``reply.parse()`` validates. ``tools`` (Python functions or
+        tool dicts) let the model ask for calls (``reply.tool_calls``); ``tool_choice`` is "auto",
+        "required", "none" or one function. ``prompt=None`` answers the tool results just added.
         ``params`` go to the host as they are (max_tokens, temperature, seed, stop, ...).
         """
         model = self.current_model(model)
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InvalidRequest("the message is empty: write what to ask the model")
+        last = (self.conversations.get(model) or [{}])[-1]
+        answering = prompt is None and keep and not new and last.get("role") == "tool"
+        if not answering and (not isinstance(prompt, str) or not prompt.strip()):
+            hint = " (no prompt only answers tool results: run reply.run_tools() first)" if prompt is None else ""
+            raise InvalidRequest(f"the message is empty: write what to ask the model{hint}")
         if new:
             self.clear(model)
         messages = list(self.conversations.get(model, [])) if keep else []
@@ -301,19 +202,47 @@ class Session:
                     conversation = self.conversations.setdefault(model, [])
                     conversation[:] = [m for m in conversation if m["role"] != "system"]
                     conversation.insert(0, {"role": "system", "content": system})
-        user = {"role": "user", "content": prompt}
-        body = {"model": model, "messages": [*messages, user]}
+        user = None if answering else {"role": "user", "content": prompt}
+        body = {"model": model, "messages": [*messages, user] if user else messages}
+        parse_schema, functions = None, {}
+        if schema is not None or tools or tool_choice is not None or params.get("response_format") is not None:
+            from .structured import request_fields  # pydantic, only for the calls that need it
+
+            fields, parse_schema, functions = request_fields(
+                schema, tools, tool_choice, params.pop("response_format", None)
+            )
+            body.update(fields)
         body.update({k: v for k, v in params.items() if v is not None})
         stream = self._open(body, on_progress, load_fields or {})
         self.model = model
-        return ChatReply(self, model, stream, user, keep)
+        return ChatReply(self, model, stream, user, keep, schema=parse_schema, functions=functions)
 
-    def chat(
-        self, prompt: str, model: str | None = None, *, stream: bool = False, **kwargs: Any
-    ) -> str | Iterator[str]:
-        """The reply's text; with ``stream=True`` an iterator of chunks (closing it stops the generation)."""
+    def chat(self, prompt: str | None = None, model: str | None = None, *, stream: bool = False, **kwargs: Any) -> Any:
+        """The reply's text; with ``stream=True`` an iterator of chunks (closing it stops the generation).
+
+        With ``tools=`` the ``ChatReply`` (``text``, ``tool_calls``, ``run_tools()``); with ``schema=``
+        the reply's value, validated (``StructuredOutputError``, with the ``raw`` text, when it does not fit).
+        """
         reply = self.stream(prompt, model, **kwargs)
-        return iter(reply) if stream else reply.read()
+        if stream:
+            return iter(reply)
+        if kwargs.get("tools"):
+            reply.read()
+            return reply
+        return reply.parse() if kwargs.get("schema") is not None else reply.read()
+
+    def extract(
+        self, schema: Any, text: str, model: str | None = None, *, instructions: str | None = None, **params: Any
+    ) -> Any:
+        """``schema`` (pydantic model, dataclass, TypedDict or JSON-schema dict) filled in from ``text``, validated.
+
+        Greedy (temperature 0) and outside the conversation; the reply is constrained to the schema.
+        """
+        from .structured import EXTRACT_INSTRUCTIONS
+
+        prompt = f"{instructions or EXTRACT_INSTRUCTIONS}\n\nText:\n{text}"
+        params.setdefault("temperature", 0)
+        return self.stream(prompt, model, keep=False, schema=schema, **params).parse()
 
     def unload(self, model: str | None = None, *, all: bool = False, force: bool = False) -> UnloadResult:
         """Give up this process's lease (``force``: free the model for everyone).
@@ -415,9 +344,14 @@ def load(model: str | None = None, **kwargs: Any) -> LoadResult:
     return default_session().load(model, **kwargs)
 
 
-def chat(prompt: str, model: str | None = None, *, stream: bool = False, **kwargs: Any) -> str | Iterator[str]:
-    """Ask ``model`` (default: the one in use, else smollm2), loading it if needed. See ``Session.stream``."""
+def chat(prompt: str | None = None, model: str | None = None, *, stream: bool = False, **kwargs: Any) -> Any:
+    """Ask ``model`` (default: the one in use, else smollm2), loading it if needed. See ``Session.chat``."""
     return default_session().chat(prompt, model, stream=stream, **kwargs)
+
+
+def extract(schema: Any, text: str, model: str | None = None, *, instructions: str | None = None, **params: Any) -> Any:
+    """A validated instance of ``schema`` extracted from ``text``. See ``Session.extract``."""
+    return default_session().extract(schema, text, model, instructions=instructions, **params)
 
 
 def unload(model: str | None = None, *, all: bool = False, force: bool = False) -> UnloadResult:

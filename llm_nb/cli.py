@@ -2,7 +2,7 @@
 
 llm-nb host                      run the host in the foreground
 llm-nb load [MODEL] [--name N]   load or attach (MODEL defaults to smollm2)
-llm-nb chat [MODEL] "PROMPT"     stream a reply to the terminal
+llm-nb chat [MODEL] "PROMPT"     stream a reply to the terminal (--schema FILE, --json: JSON replies)
 llm-nb ps [--json]               what is loaded, by whom, at what cost
 llm-nb unload MODEL [--force]
 llm-nb logs MODEL                a model worker's log
@@ -18,7 +18,7 @@ import json
 import sys
 import time
 
-from .errors import LlmNbError
+from .errors import InvalidRequest, LlmNbError
 
 
 def _session(args, autostart: bool = True):
@@ -70,7 +70,22 @@ def cmd_load(args) -> int:
     return 0
 
 
+def _chat_schema(args) -> dict | str | None:
+    """``--schema FILE``: the JSON schema in FILE; ``--json``: any JSON object."""
+    if args.schema is None:
+        return "json" if args.json else None
+    try:
+        with open(args.schema, encoding="utf-8") as f:
+            schema = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise InvalidRequest(f"--schema takes a file holding a JSON schema: {args.schema}: {exc}") from None
+    if not isinstance(schema, dict):
+        raise InvalidRequest(f"--schema {args.schema}: a JSON schema is a JSON object, not {type(schema).__name__}")
+    return schema
+
+
 def cmd_chat(args) -> int:
+    schema = _chat_schema(args)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     # The Python API's chat: a model that is not loaded is loaded first (with this process's lease).
     reply = _session(args).stream(
@@ -82,16 +97,21 @@ def cmd_chat(args) -> int:
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         seed=args.seed,
+        schema=schema,
     )
     try:
         for piece in reply:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+            if schema is None:  # JSON is printed whole once it validates
+                sys.stdout.write(piece)
+                sys.stdout.flush()
     except KeyboardInterrupt:
         reply.close()
         print("\n[interrupted]", file=sys.stderr)
         return 130
-    print()
+    if schema is None:
+        print()
+    else:
+        print(json.dumps(reply.parse(), indent=2, ensure_ascii=False, default=str))
     if args.verbose:
         print(f"[{reply.footer()}]", file=sys.stderr)
     return 0
@@ -189,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--keep-alive", help="keep-alive if this chat loads the model")
+    p.add_argument("--schema", metavar="FILE", help="reply with JSON valid against the JSON schema in FILE")
+    p.add_argument("--json", action="store_true", help="reply with a JSON object (JSON mode)")
     p.add_argument("-v", "--verbose", action="store_true", help="print tokens, time to first token and tokens/s")
     p.set_defaults(func=cmd_chat)
 
@@ -231,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("chat takes [MODEL] PROMPT; quote the prompt")
         if args.prompt == "-":
             args.prompt = None
+        if args.json and args.schema:
+            parser.error("pass --json or --schema FILE, not both")
     if args.command == "unload" and not args.model and not args.all:
         parser.error("name a model to unload, or pass --all")
     try:

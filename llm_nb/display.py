@@ -38,8 +38,8 @@ def reply_bundle(text: str, footer: str, fmt: str, streaming: bool = False) -> d
     plain = f"{text}{cursor}\n\n[{footer}]" if footer else text + cursor
     if fmt == "text":
         return {"text/plain": plain}
-    if fmt == "code" and not text.lstrip().startswith("```"):
-        body = f"```\n{text}\n```"
+    if fmt in ("code", "json") and not text.lstrip().startswith("```"):
+        body = f"```{'json' if fmt == 'json' else ''}\n{text}\n```"
     else:
         body = text + cursor
         if streaming and len(re.findall(r"^\s*```", text, flags=re.M)) % 2:
@@ -90,8 +90,10 @@ class LiveReply:
             footer = f"{self.chunks} tokens so far · {self.model}"
             self.handle.update(reply_bundle(self.text, footer, self.fmt, streaming=True), raw=True)
 
-    def finish(self, reply: ChatReply | None, note: str = "") -> None:
-        text = reply.text if reply is not None else self.text
+    def finish(self, reply: ChatReply | None, note: str = "", text: str | None = None) -> None:
+        """The final display; ``text`` replaces the reply's own (pretty-printed JSON)."""
+        if text is None:
+            text = reply.text if reply is not None else self.text
         footer = reply.footer() if reply is not None else ""
         if note:
             footer = f"{footer} · {note}" if footer else note

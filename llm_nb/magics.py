@@ -12,6 +12,11 @@ kernel's namespace, is replaced. Everything else is left exactly as typed:
 dict literals, JSON, f-strings with expressions, sets, and ``{undefined}``.
 Write ``{{name}}`` to send ``{name}`` itself; ``--raw`` turns interpolation off.
 
+``%%llm_chat --json`` asks for a JSON object, ``--schema NAME`` for JSON that
+validates against the kernel variable ``NAME`` (a pydantic model, dataclass,
+TypedDict or JSON-schema dict); the reply is shown as JSON and ``-o VAR`` keeps
+the parsed value (a model instance for a pydantic model).
+
 Errors the user can act on (``LlmNbError``) print one line to stderr and no
 traceback. Interrupting the kernel during a reply stops the generation on the
 host (the stream is closed; the host cancels at its next token), keeps the
@@ -22,6 +27,7 @@ interrupted, so that "Run all" stops there too.
 from __future__ import annotations
 
 import functools
+import json
 import re
 import sys
 from collections.abc import Callable, Mapping
@@ -198,7 +204,13 @@ class LlmMagics(Magics):
     @argument("--temperature", type=float, help="sampling temperature")
     @argument("--seed", type=int, help="sampling seed, for repeatable replies")
     @argument("--format", choices=["markdown", "text", "code"], help="how to show the reply (default: markdown)")
-    @argument("-o", "--output", metavar="VAR", help="store the reply's text in this variable")
+    @argument("--json", action="store_true", help="reply with a JSON object (JSON mode)")
+    @argument(
+        "--schema",
+        metavar="NAME",
+        help="reply with JSON valid against NAME, a variable holding a pydantic model, dataclass, TypedDict or dict",
+    )
+    @argument("-o", "--output", metavar="VAR", help="store the reply's text (--json/--schema: the parsed value) in VAR")
     @argument("--raw", action="store_true", help="send the cell as typed, without {name} interpolation")
     @argument("-h", "--help", action="store_true", help="show this help")
     @_user_errors
@@ -212,6 +224,7 @@ class LlmMagics(Magics):
         if self._help(self.llm_chat, args):
             return
         output = _var_name(args.output)
+        schema = self._schema(args)
         cell = cell.strip()
         prompt = cell if args.raw else interpolate(cell, self.shell.user_ns)
         model = self._model(args.model)
@@ -225,10 +238,15 @@ class LlmMagics(Magics):
             max_tokens=args.max_tokens if args.max_tokens is not None else self.max_tokens,
             temperature=args.temperature if args.temperature is not None else self.temperature,
             seed=args.seed,
+            schema=schema,
         )
         if progress.shown:
             progress.done(f"loaded {model} for this chat")
-        live = LiveReply(self.rich, args.format or self.format, self.refresh_interval, model)
+        # With --json/--schema the variable gets the parsed value only, never text that is not it.
+        text_var = output if schema is None else None
+        live = LiveReply(
+            self.rich, "json" if schema is not None else args.format or self.format, self.refresh_interval, model
+        )
         live.start()
         try:
             for piece in reply:
@@ -236,19 +254,41 @@ class LlmMagics(Magics):
         except KeyboardInterrupt:
             reply.close()  # closes the HTTP stream: the host cancels the generation at its next token
             live.finish(reply)
-            if output:
-                self.shell.user_ns[output] = reply.text
+            if text_var:
+                self.shell.user_ns[text_var] = reply.text
             raise ChatInterrupted(
                 "the reply was stopped on the host; the partial reply is kept in the conversation"
             ) from None
         except LlmNbError:
             live.finish(reply, "failed")
-            if output:
-                self.shell.user_ns[output] = reply.text
+            if text_var:
+                self.shell.user_ns[text_var] = reply.text
             raise
-        live.finish(reply)
+        if schema is None:
+            live.finish(reply)
+            if text_var:
+                self.shell.user_ns[text_var] = reply.text
+            return
+        live.finish(reply, text=_pretty_json(reply.text))
+        value = reply.parse()  # a reply that does not validate raises; its raw text is shown above
         if output:
-            self.shell.user_ns[output] = reply.text
+            self.shell.user_ns[output] = value
+
+    def _schema(self, args) -> Any:
+        """``--json`` -> "json"; ``--schema NAME`` -> the kernel variable NAME; else None."""
+        if args.json and args.schema:
+            raise UsageError("pass --json or --schema NAME, not both")
+        if args.json:
+            return "json"
+        if not args.schema:
+            return None
+        value = resolve_path(args.schema, self.shell.user_ns)
+        if value is _MISSING:
+            raise UsageError(
+                f"--schema takes a kernel variable holding a pydantic model, dataclass, TypedDict or JSON-schema dict; "
+                f"{args.schema!r} is not defined"
+            )
+        return value
 
     # --- %llm_unload -------------------------------------------------------------
     @line_magic
@@ -301,8 +341,8 @@ class LlmMagics(Magics):
         if not messages:
             print(f"no conversation with {model} yet")
             return
-        plain = "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in messages)
-        markdown = "\n\n".join(f"**{m['role']}**\n\n{m['content']}" for m in messages)
+        plain = "\n\n".join(f"[{m['role']}]\n{_said(m)}" for m in messages)
+        markdown = "\n\n".join(f"**{m['role']}**\n\n{_said(m)}" for m in messages)
         display({"text/plain": plain, "text/markdown": markdown}, raw=True)
 
     # --- %llm_deploy / %llm_undeploy ---------------------------------------------
@@ -353,6 +393,21 @@ class LlmMagics(Magics):
                 code="backend_unavailable",
             ) from None
         display(Panel(self.session, interval=args.interval))
+
+
+def _pretty_json(text: str) -> str:
+    try:
+        return json.dumps(json.loads(text), indent=2, ensure_ascii=False)
+    except ValueError:
+        return text  # shown as it came; parse() says what is wrong with it
+
+
+def _said(message: dict) -> str:
+    """A message's text, with the tool calls an assistant message asked for."""
+    calls = [
+        f"→ {c['function']['name']}({c['function'].get('arguments') or ''})" for c in message.get("tool_calls") or []
+    ]
+    return "\n".join([message.get("content") or "", *calls]).strip()
 
 
 def load_ipython_extension(ipython) -> None:

@@ -41,6 +41,8 @@ class Reply:
     def __init__(self, started: float | None = None):
         self.started = started if started is not None else time.perf_counter()
         self.parts: list[str] = []
+        #: OpenAI ``message.tool_calls``, reassembled from the ``delta.tool_calls`` pieces (arguments a JSON string).
+        self.tool_calls: list[dict] = []
         self.usage: dict | None = None
         self.finish_reason: str | None = None
         self.first_token_s: float | None = None
@@ -64,12 +66,26 @@ class Reply:
         for choice in chunk.get("choices") or []:
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
-            text += (choice.get("delta") or {}).get("content") or choice.get("text") or ""
+            delta = choice.get("delta") or {}
+            text += delta.get("content") or choice.get("text") or ""
+            for piece in delta.get("tool_calls") or []:
+                self._take_tool_call(piece)
+        if self.first_token_s is None and (text or self.tool_calls):
+            self.first_token_s = time.perf_counter() - self.started
         if text:
-            if self.first_token_s is None:
-                self.first_token_s = time.perf_counter() - self.started
             self.parts.append(text)
         return text
+
+    def _take_tool_call(self, piece: dict) -> None:
+        """One ``delta.tool_calls`` entry: the first names the call, the next ones add to its arguments."""
+        index = piece.get("index", len(self.tool_calls))
+        while len(self.tool_calls) <= index:
+            self.tool_calls.append({"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+        call = self.tool_calls[index]
+        call["id"] = piece.get("id") or call["id"]
+        function = piece.get("function") or {}
+        call["function"]["name"] = function.get("name") or call["function"]["name"]
+        call["function"]["arguments"] += function.get("arguments") or ""
 
     def take_line(self, raw: bytes | str) -> str | None:
         """Take one line of the stream: its text ("" for none, or a heartbeat), None once it says ``[DONE]``."""
@@ -130,3 +146,4 @@ class ReplyView:
     first_token_s = property(lambda self: self.reply.first_token_s)
     elapsed_s = property(lambda self: self.reply.elapsed_s)
     text = property(lambda self: self.reply.text)
+    tool_calls = property(lambda self: self.reply.tool_calls)

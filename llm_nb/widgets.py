@@ -2,7 +2,9 @@
 
 Live status (a background thread polls the host and stops when the panel is
 closed), a memory bar against the host's budget, load and unload controls, and a
-small chat box that streams into the same conversation as ``%%llm_chat``.
+small chat box that streams into the same conversation as ``%%llm_chat``; its
+"JSON reply" box asks for a JSON object, or JSON valid against the schema typed
+under it.
 
 Long calls (a load, a reply) run on a thread of their own, so the kernel keeps
 answering while they run. One panel per kernel polls: showing a new one closes
@@ -12,6 +14,7 @@ the ones before it, so a re-run cell does not leave a poller behind.
 from __future__ import annotations
 
 import html
+import json
 import threading
 import time
 import weakref
@@ -22,7 +25,7 @@ import ipywidgets as w
 from .api import ChatReply, Session, Status
 from .config import DEFAULT_MODEL, format_bytes
 from .display import one_line
-from .errors import LlmNbError
+from .errors import InvalidRequest, LlmNbError
 
 _live_panels: weakref.WeakSet[Panel] = weakref.WeakSet()
 
@@ -62,6 +65,14 @@ class Panel(w.VBox):
         self.send_button = w.Button(description="Send", button_style="primary", icon="paper-plane")
         self.stop_button = w.Button(description="Stop", icon="stop", disabled=True, tooltip="stop the reply")
         self.new_chat = w.Checkbox(value=False, description="new conversation", indent=False)
+        self.json_reply = w.Checkbox(value=False, description="JSON reply", indent=False)
+        self.schema = w.Textarea(
+            placeholder='JSON schema, e.g. {"type": "object", "properties": {"name": {"type": "string"}}} '
+            "(empty: any JSON object)",
+            rows=3,
+            layout=w.Layout(display="none"),
+        )
+        self.parsed = None  # the last JSON reply, parsed and validated
         self.reply = w.HTML("")
         self.footer = w.HTML("")
 
@@ -70,6 +81,9 @@ class Panel(w.VBox):
         self.send_button.on_click(lambda _: self._in_thread(self._chat))
         self.stop_button.on_click(lambda _: self._chat_stop.set())
         self.close_button.on_click(lambda _: self.close())
+        self.json_reply.observe(
+            lambda change: setattr(self.schema.layout, "display", None if change["new"] else "none"), "value"
+        )
 
         super().__init__(
             [
@@ -80,7 +94,8 @@ class Panel(w.VBox):
                 w.HBox([self.model_box, self.load_button, self.unload_button, self.force, self.close_button]),
                 self.message,
                 self.prompt,
-                w.HBox([self.send_button, self.stop_button, self.new_chat]),
+                w.HBox([self.send_button, self.stop_button, self.new_chat, self.json_reply]),
+                self.schema,
                 self.reply,
                 self.footer,
             ],
@@ -234,13 +249,14 @@ class Panel(w.VBox):
         if not prompt.strip():
             self._say("write a message first", error=True)
             return
+        schema = self._schema()
         self._chat_stop.clear()
         self.send_button.disabled = True
         self.stop_button.disabled = False
         self.reply.value = "<i>waiting for the first token…</i>"
         self.footer.value = ""
         try:
-            reply = self._reply = self.session.stream(prompt, self._selected(), new=self.new_chat.value)
+            reply = self._reply = self.session.stream(prompt, self._selected(), new=self.new_chat.value, schema=schema)
             self.new_chat.value = False
             last = 0.0
             for _ in reply:
@@ -253,11 +269,29 @@ class Panel(w.VBox):
             reply.close()  # stops the generation on the host if the loop was broken off
             self._show_reply(reply.text)
             self.footer.value = f"<small>{html.escape(reply.footer())}</small>"
+            if schema is not None and reply.finished:
+                self.parsed = reply.parse()  # one that does not validate shows as the panel's error line
+                self._show_reply(json.dumps(self.parsed, indent=2, ensure_ascii=False, default=str))
             self.prompt.value = ""
         finally:
             self.send_button.disabled = False
             self.stop_button.disabled = True
             self._reply = None
+
+    def _schema(self) -> dict | str | None:
+        """None (plain chat), "json" (any JSON object), or the JSON schema typed in the box."""
+        if not self.json_reply.value:
+            return None
+        text = self.schema.value.strip()
+        if not text:
+            return "json"
+        try:
+            schema = json.loads(text)
+        except ValueError as exc:
+            raise InvalidRequest(f"the JSON schema is not valid JSON: {exc}") from None
+        if not isinstance(schema, dict):
+            raise InvalidRequest("a JSON schema is a JSON object: {...}")
+        return schema
 
     def _show_reply(self, text: str) -> None:
         self.reply.value = f'<div style="white-space: pre-wrap">{html.escape(text)}</div>'

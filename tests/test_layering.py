@@ -15,7 +15,16 @@ from pathlib import Path
 import llm_nb
 
 PACKAGE = Path(llm_nb.__file__).parent
-KERNEL_SIDE = ("llm_nb.magics", "llm_nb.api", "llm_nb.widgets", "llm_nb.cli", "llm_nb.client", "llm_nb.consume")
+KERNEL_SIDE = (
+    "llm_nb.magics",
+    "llm_nb.api",
+    "llm_nb.reply",
+    "llm_nb.structured",
+    "llm_nb.widgets",
+    "llm_nb.cli",
+    "llm_nb.client",
+    "llm_nb.consume",
+)
 MODEL_LIBRARIES = ("torch", "transformers", "llama_cpp")
 
 

@@ -217,7 +217,11 @@ export async function* readServerSentEvents(
 export async function* streamChat(
   model: string,
   messages: IChatMessage[],
-  params: { max_tokens?: number; temperature?: number },
+  params: {
+    max_tokens?: number;
+    temperature?: number;
+    response_format?: { [key: string]: unknown };
+  },
   signal: AbortSignal
 ): AsyncGenerator<string> {
   const response = await requestRaw('chat', {

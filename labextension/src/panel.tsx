@@ -447,6 +447,39 @@ function LoadForm({ model, commands }: IProps): JSX.Element {
   );
 }
 
+/** `response_format` for the playground: none, any JSON object, or JSON valid against `schema`. */
+function responseFormat(
+  json: boolean,
+  schema: string
+): { [key: string]: unknown } | undefined {
+  if (!json) {
+    return undefined;
+  }
+  if (!schema.trim()) {
+    return { type: 'json_object' };
+  }
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(schema);
+  } catch (error) {
+    throw new Error(
+      `The JSON schema is not valid JSON: ${errorMessage(error)}`
+    );
+  }
+  return {
+    type: 'json_schema',
+    json_schema: { name: 'playground', schema: parsed, strict: true }
+  };
+}
+
+function prettyJson(text: string): string {
+  try {
+    return JSON.stringify(JSON.parse(text), null, 2);
+  } catch {
+    return text; // shown as it came: not JSON, e.g. cut at max tokens
+  }
+}
+
 interface ITurn extends IChatMessage {
   error?: boolean;
 }
@@ -457,6 +490,8 @@ function ChatPlayground({ model }: { model: LlmModel }): JSX.Element {
   const [turns, setTurns] = React.useState<ITurn[]>([]);
   const [draft, setDraft] = React.useState('');
   const [maxTokens, setMaxTokens] = React.useState('256');
+  const [json, setJson] = React.useState(false);
+  const [schema, setSchema] = React.useState('');
   const [abort, setAbort] = React.useState<AbortController | null>(null);
   const transcript = React.useRef<HTMLDivElement>(null);
   const name = usable.some(m => m.name === chosen)
@@ -474,6 +509,16 @@ function ChatPlayground({ model }: { model: LlmModel }): JSX.Element {
       return;
     }
     const history: ITurn[] = [...turns, { role: 'user', content: text }];
+    let format: { [key: string]: unknown } | undefined;
+    try {
+      format = responseFormat(json, schema);
+    } catch (error) {
+      setTurns([
+        ...turns,
+        { role: 'assistant', content: errorMessage(error), error: true }
+      ]);
+      return;
+    }
     const messages = history
       .filter(t => !t.error)
       .map(({ role, content }) => ({ role, content }));
@@ -487,11 +532,20 @@ function ChatPlayground({ model }: { model: LlmModel }): JSX.Element {
       for await (const piece of streamChat(
         name,
         messages,
-        { max_tokens: Number.isFinite(tokens) ? tokens : undefined },
+        {
+          max_tokens: Number.isFinite(tokens) ? tokens : undefined,
+          response_format: format
+        },
         controller.signal
       )) {
         reply += piece;
         setTurns([...history, { role: 'assistant', content: reply }]);
+      }
+      if (format) {
+        setTurns([
+          ...history,
+          { role: 'assistant', content: prettyJson(reply) }
+        ]);
       }
     } catch (error) {
       if (!controller.signal.aborted) {
@@ -543,7 +597,26 @@ function ChatPlayground({ model }: { model: LlmModel }): JSX.Element {
                 aria-label="Max tokens"
               />
             </label>
+            <label className="jp-LlmNb-check">
+              <input
+                type="checkbox"
+                checked={json}
+                onChange={e => setJson(e.target.checked)}
+                aria-label="JSON reply"
+              />
+              JSON
+            </label>
           </div>
+          {json && (
+            <textarea
+              className="jp-mod-styled jp-LlmNb-schema"
+              value={schema}
+              rows={3}
+              placeholder="JSON schema for the reply (empty: any JSON object)"
+              onChange={e => setSchema(e.target.value)}
+              aria-label="JSON schema"
+            />
+          )}
           <div className="jp-LlmNb-transcript" ref={transcript}>
             {turns.length === 0 && (
               <div className="jp-LlmNb-hint">
