@@ -41,6 +41,7 @@ SHOWS = {
     "05-consume-an-endpoint": ["latency p50 / p90 / p99", "speed-up", "image/png"],
     "06-openai-and-kserve-apis": ["model_not_found", "INT64", "FP32", "POSITIVE"],
     "07-remote-engine": ["team-llm · remote", "tokens/s", ") stopped"],
+    "08-structured-output": ["Person Address int", "dict {", "get_weather", "tool_calls get_weather"],
 }
 
 
