@@ -200,6 +200,27 @@ def test_panel_shows_the_notebook_as_holder_chats_and_force_unloads(lab, browser
         assert "jp-mod-error" not in (reply.get_attribute("class") or "")
         shoot(panel, "panel-chat.png")
 
+        # Ticked "JSON" with a schema, the reply is JSON of that shape (decoding is constrained on the host).
+        panel.get_by_label("JSON reply").check()
+        schema = {
+            "type": "object",
+            "properties": {"colour": {"enum": ["red", "green", "blue"]}},
+            "required": ["colour"],
+        }
+        panel.get_by_label("JSON schema").fill(json.dumps(schema))
+        turns = panel.locator(".jp-LlmNb-turn-assistant").count()
+        panel.get_by_label("Chat message").fill("Name one colour, as JSON.")
+        panel.get_by_label("Chat message").press("Enter")
+        deadline = time.monotonic() + MODEL_S / 1000
+        answer = None
+        while answer is None and time.monotonic() < deadline:
+            if panel.locator(".jp-LlmNb-turn-assistant").count() > turns:
+                with contextlib.suppress(ValueError):
+                    answer = json.loads(panel.locator(".jp-LlmNb-turn-assistant").last.inner_text())
+            time.sleep(0.2)
+        assert isinstance(answer, dict) and answer["colour"] in ("red", "green", "blue"), answer
+        shoot(panel, "panel-chat-json.png")
+
         # Force unload asks first, naming the notebook that holds the model.
         card.locator("button", has_text="Force unload").click()
         dialog = page.locator(".jp-Dialog")

@@ -29,14 +29,11 @@ def relayed(parsed, model: LoadedModel) -> bool:
 
 async def relay(request: web.Request, model: LoadedModel, parsed) -> web.StreamResponse:
     engine: RemoteEngine = model.runner
-    if refused := engine._openai_only():
-        raise refused
-    body = dict(request.get(RAW_BODY) or parsed.model_dump(mode="json", by_alias=True, exclude_unset=True))
-    body["model"] = engine.remote_model
+    body = request.get(RAW_BODY) or parsed.model_dump(mode="json", by_alias=True, exclude_unset=True)
     path = "chat/completions" if "messages" in body else "completions"
     async with model.queue.slot():
         model.touch()
-        async with engine._post(path, body) as remote:
+        async with engine.relay(path, body) as remote:
             if not parsed.stream:
                 answer = await remote.json(content_type=None)
                 if isinstance(answer, dict):

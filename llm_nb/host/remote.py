@@ -227,6 +227,14 @@ class RemoteEngine:
         except TimeoutError:
             raise Timeout(f"the remote engine at {self.base} did not answer within {self.timeout:.0f} s") from None
 
+    @contextlib.asynccontextmanager
+    async def relay(self, path: str, body: dict) -> AsyncIterator[aiohttp.ClientResponse]:
+        """POST an OpenAI request as a client wrote it (``host.relay``); the answer is read inside the block."""
+        if refused := self._openai_only():
+            raise refused
+        async with self._post(path, dict(body, model=self.remote_model)) as remote:
+            yield remote
+
     async def generate(self, request: dict) -> AsyncIterator[dict]:
         """The worker's events for a worker request, from the remote's OpenAI answer.
 
