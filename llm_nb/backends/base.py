@@ -105,14 +105,16 @@ class Backend:
         if not request.tools and not tool_turns:
             return tool_format.template_messages(messages, None, tools_supported=True), None
         supported = getattr(self, "_template_takes_tools", None)
-        if supported is None and request.tools:
+        if supported is None:  # asked once per backend: the template does not change
             probe = [{"role": "user", "content": "hi"}]
+            # A conversation with tool turns but no tools (tool_choice "none") probes with a stand-in tool.
+            tools = request.tools or [{"type": "function", "function": {"name": "probe", "parameters": {}}}]
             try:
-                supported = render(probe, request.tools) != render(probe, None)
+                supported = render(probe, tools) != render(probe, None)
             except Exception:  # a template that chokes on tools ignores them as far as we are concerned
                 supported = False
             self._template_takes_tools = supported
-        messages = tool_format.template_messages(messages, request.tools, bool(supported))
+        messages = tool_format.template_messages(messages, request.tools, supported)
         return messages, (request.tools if supported else None)
 
     def info(self) -> dict[str, Any]:

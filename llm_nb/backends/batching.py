@@ -111,8 +111,8 @@ class Sequence:
         """This row needs its own logits looked at: a grammar, or logprobs to report."""
         return self.constraint is not None or self.request.logprobs is not None
 
-    def taken_logprobs(self) -> list[dict] | None:
-        return self.logprobs.take() if self.request.logprobs is not None else None
+    def taken_logprobs(self, text: str, final: bool = False) -> list[dict] | None:
+        return self.logprobs.take(text, final) if self.request.logprobs is not None else None
 
     def emit(self, event: GenerationEvent | BaseException) -> None:
         self.events.put(event)
@@ -121,8 +121,9 @@ class Sequence:
         if self.done:
             return
         tail = self.stopper.push(self.detokenizer.flush()) + self.stopper.flush()
-        if tail:
-            self.emit(TextDelta(tail, self.taken_logprobs()))
+        rest = self.taken_logprobs(tail, final=not self.stopper.stopped)
+        if tail or rest:  # rest: tokens that decoded to no text of their own
+            self.emit(TextDelta(tail, rest))
         self.emit(Finished(reason, len(self.prompt_ids), len(self.generated)))
         self.done = True
 
@@ -349,18 +350,19 @@ class BatchEngine:
             return
         seq.generated.append(token)
         self.tokens_out += 1
-        if seq.last_entry is not None:
-            seq.logprobs.add(seq.last_entry)
-            seq.last_entry = None
         if seq.constraint is not None:
             try:
                 seq.constraint.consume(token)
             except Exception as exc:  # this row's grammar broke: end it alone, the batch goes on
                 seq.fail(exc)
                 return
-        text = seq.stopper.push(seq.detokenizer.push(token))
+        piece = seq.detokenizer.push(token)
+        if seq.last_entry is not None:
+            seq.logprobs.add(seq.last_entry, piece)
+            seq.last_entry = None
+        text = seq.stopper.push(piece)
         if text:
-            seq.emit(TextDelta(text, seq.taken_logprobs()))
+            seq.emit(TextDelta(text, seq.taken_logprobs(text)))
         if seq.stopper.stopped or (seq.constraint is not None and seq.constraint.done):
             seq.finish("stop")
         elif len(seq.generated) >= seq.max_new_tokens:

@@ -86,18 +86,29 @@ def logprob_entry(logprobs: np.ndarray, token: int, top: int, piece: Callable[[i
 
 
 class LogprobQueue:
-    """Entries of generated tokens, handed out with the text delta that carries their text.
+    """Entries of generated tokens, handed out with the text delta that shows their text.
 
-    A stop sequence holds text back; the tokens behind that text wait here until it is
-    shown, and are dropped if the stop sequence swallows it.
+    Positions count characters of the decoded text the stop buffer is fed. A token whose
+    text the stop buffer holds back waits here until that text is shown; tokens a stop
+    sequence swallows whole are never handed out.
     """
 
     def __init__(self) -> None:
-        self.pending: list[dict] = []
+        self.pending: list[tuple[int, dict]] = []  # (where the token's text starts, its entry)
+        self.decoded = 0
+        self.shown = 0
 
-    def add(self, entry: dict) -> None:
-        self.pending.append(entry)
+    def add(self, entry: dict, text: str) -> None:
+        """A token's entry and the text it decoded to ("" while the decoder waits for more bytes)."""
+        self.pending.append((self.decoded, entry))
+        self.decoded += len(text)
 
-    def take(self) -> list[dict]:
-        out, self.pending = self.pending, []
+    def take(self, shown: str, final: bool = False) -> list[dict]:
+        """The entries that go with the delta ``shown``; ``final``: the reply ended without a stop sequence."""
+        self.shown += len(shown)
+        cut = len(self.pending)
+        if not final:
+            cut = next((i for i, (start, _) in enumerate(self.pending) if start >= self.shown), cut)
+        out = [entry for _, entry in self.pending[:cut]]
+        del self.pending[:cut]
         return out

@@ -183,20 +183,21 @@ class LlamaCppBackend(Backend):
                     finish = "stop"
                     break
                 produced += 1
+                piece = decoder.decode(self.llm.detokenize([token]))
                 if guide:
-                    guide.accept(token)
-                piece = self.llm.detokenize([token])
-                text = stopper.push(decoder.decode(piece))
+                    guide.accept(token, piece)
+                text = stopper.push(piece)
                 if text:
-                    yield TextDelta(text, guide.logprobs.take() if guide and guide.top is not None else None)
+                    yield TextDelta(text, guide.taken(text) if guide else None)
                 if stopper.stopped or (guide and guide.complete):
                     finish = "stop"
                     break
                 if produced >= max_tokens:
                     break
         tail = stopper.push(decoder.decode(b"", final=True)) + stopper.flush()
-        if tail:
-            yield TextDelta(tail, guide.logprobs.take() if guide and guide.top is not None else None)
+        rest = guide.taken(tail, final=not stopper.stopped) if guide else None
+        if tail or rest:  # rest: tokens that decoded to no text of their own
+            yield TextDelta(tail, rest)
         yield Finished(finish, len(tokens), produced)
 
     def grammar_tokenizer(self):
@@ -266,11 +267,15 @@ class _Guide:
             logits[~self.constraint.allowed(len(logits))] = -np.inf
         return logits
 
-    def accept(self, token: int) -> None:
-        if self.top is not None and self.raw is not None:
-            self.logprobs.add(logprob_entry(log_softmax(self.raw), token, self.top, self._piece))
+    def accept(self, token: int, text: str) -> None:
+        """The sampled token, and the text it decoded to."""
         if self.constraint is not None:
             self.constraint.consume(token)
+        if self.top is not None and self.raw is not None:
+            self.logprobs.add(logprob_entry(log_softmax(self.raw), token, self.top, self._piece), text)
+
+    def taken(self, shown: str, final: bool = False) -> list[dict] | None:
+        return self.logprobs.take(shown, final) if self.top is not None else None
 
     def _piece(self, token: int) -> bytes:
         return self.backend.llm.detokenize([token], special=True)
