@@ -98,6 +98,7 @@ class RemoteEngine:
         self.health_error: str | None = None
         self.latency_ms: float | None = None
         self._checked = 0.0
+        self._in_flight = 0  # requests being answered: no health checks meanwhile (refresh_health)
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._api_key, "***") if self._api_key else text
@@ -151,7 +152,9 @@ class RemoteEngine:
 
     async def refresh_health(self) -> bool:
         """Re-check now and then; returns True when the state changed (and so ``info()``)."""
-        if time.monotonic() - self._checked < HEALTH_INTERVAL_S:
+        # A remote answering us is alive; and llama-cpp-python's server ends a running stream early
+        # ("interrupt_requests") when any other request, even GET /models, comes in.
+        if self._in_flight or time.monotonic() - self._checked < HEALTH_INTERVAL_S:
             return False
         before = self.healthy
         try:
@@ -215,6 +218,7 @@ class RemoteEngine:
 
         The caller reads the answer inside the block, so a remote that dies mid-stream is caught too.
         """
+        self._in_flight += 1
         try:
             async with self.session.post(f"{self.base}/{path}", json=body) as remote:
                 if remote.status >= 400:
@@ -226,6 +230,8 @@ class RemoteEngine:
             ) from exc
         except TimeoutError:
             raise Timeout(f"the remote engine at {self.base} did not answer within {self.timeout:.0f} s") from None
+        finally:
+            self._in_flight -= 1
 
     @contextlib.asynccontextmanager
     async def relay(self, path: str, body: dict) -> AsyncIterator[aiohttp.ClientResponse]:
