@@ -165,8 +165,15 @@ async def logs(request: web.Request) -> web.Response:
         raise InvalidRequest("lines must be a whole number") from None
     model = registry.models.get(name)
     path = model.runner.log_path if model and model.runner else None
-    path = path or registry.log_dir / f"{name}.log"
-    if not path.exists():
+    if path is None:
+        path = registry.log_dir / f"{name}.log"
+        if path.parent != registry.log_dir:  # a "/" in the name: no log of ours, wherever it points
+            path = None
+    try:
+        found = path is not None and path.is_file()
+    except OSError:  # a name too long to be a file name (found by the fuzzer)
+        found = False
+    if not found:
         raise ModelNotFound(f"no log for model {name!r} on this host")
     return web.Response(text=tail(path, lines) + "\n", content_type="text/plain")
 
