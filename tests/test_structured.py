@@ -17,6 +17,8 @@ import pytest
 
 from llm_nb.errors import InvalidRequest
 from llm_nb.host import structured
+from llm_nb.host.schemas import ChatCompletionRequest, parse
+from llm_nb.host.shaping import legacy_logprobs
 from llm_nb.host.structured import CallSplitter, grammar_for, parse_calls
 from llm_nb.tool_format import render_call, template_messages
 
@@ -107,6 +109,36 @@ def test_every_mode_builds_a_grammar_and_plain_text_builds_none():
     assert grammar_for({"type": "json_object"}, [], "none")
 
 
+def test_requests_with_tools_are_checked_as_openai_checks_them():
+    ask = {"model": "m", "messages": ASK_WEATHER}
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    for fields, fault in [
+        ({"tools": [{"type": "function", "function": {"name": "get.weather"}}]}, "tools.0.function.name"),
+        ({"messages": [{"role": "tool", "content": "18 C"}]}, "tool_call_id"),
+        ({"messages": [{"role": "user", "content": "x", "tool_calls": [call]}]}, '"assistant" messages'),
+        ({"tool_choice": "sometimes"}, "tool_choice"),
+        ({"top_logprobs": 3}, "top_logprobs needs logprobs"),
+        ({"n": 9}, "n"),
+    ]:
+        with pytest.raises(InvalidRequest) as caught:
+            parse(ChatCompletionRequest, dict(ask, **fields)).worker_request()
+        assert caught.value.status == 400 and fault in caught.value.message, caught.value.message
+    # null is "not given", as OpenAI clients may send it; tools travel only when they may be called.
+    request = parse(ChatCompletionRequest, dict(ask, n=None, logprobs=None, tools=[WEATHER], tool_choice="none"))
+    assert request.n == 1 and "tools" not in request.worker_request() and "grammar" not in request.worker_request()
+    sent = parse(ChatCompletionRequest, dict(ask, tools=[WEATHER], logprobs=True, top_logprobs=2)).worker_request()
+    assert sent["tools"] == [WEATHER] and sent["logprobs"] == 2 and "<tool_call>" in sent["grammar"]
+    assert "grammar" not in parse(ChatCompletionRequest, ask).worker_request()
+
+
+def test_legacy_logprobs_offsets_go_on_from_the_previous_chunk():
+    entries = [{"token": "Hel", "logprob": -0.5, "top_logprobs": [{"token": "Hel", "logprob": -0.5}]}]
+    entries.append({"token": "lo", "logprob": -0.1, "top_logprobs": []})
+    shaped = legacy_logprobs(entries, start=7)
+    assert shaped["tokens"] == ["Hel", "lo"] and shaped["text_offset"] == [7, 10]
+    assert shaped["top_logprobs"] == [{"Hel": -0.5}, {}] and shaped["token_logprobs"] == [-0.5, -0.1]
+
+
 def test_strict_closes_objects_that_leave_extra_keys_open():
     closed = structured.closed({"type": "object", "properties": {"a": {"type": "object", "properties": {}}}})
     assert closed["additionalProperties"] is False and closed["properties"]["a"]["additionalProperties"] is False
@@ -149,6 +181,22 @@ def test_the_stream_splitter_holds_back_only_what_may_open_a_call(size):
     assert splitter.feed("a <to")[0] == "a"
     assert splitter.feed("ast> c <tool")[0] == " <toast> c"
     assert splitter.finish()[0] == " <tool"
+
+
+def test_the_stream_splitter_gives_back_what_was_not_a_call():
+    # A block naming no tool is text again; an argument holding "<" is no call opening; a cut call still counts.
+    splitter = CallSplitter([TIME])
+    content, calls = splitter.feed('<tool_call>\n{"name": "rm", "arguments": {}}\n</tool_')
+    assert (content, calls) == ("", [])
+    content, calls = splitter.feed("call> then ")
+    assert calls == [] and content == '<tool_call>\n{"name": "rm", "arguments": {}}\n</tool_call> then'
+    content, calls = splitter.feed('<tool_call>\n{"name": "get_time", "arguments": {"zone": "<UTC>"}}')
+    assert (content, calls) == ("", [])
+    content, calls = splitter.finish()  # max_tokens cut it before </tool_call>: the JSON is whole, so it is a call
+    assert content == "" and json.loads(calls[0]["function"]["arguments"]) == {"zone": "<UTC>"}
+    splitter = CallSplitter([TIME])
+    assert splitter.feed('<tool_call>\n{"name": "get_time", "argu') == ("", [])
+    assert splitter.finish() == ('<tool_call>\n{"name": "get_time", "argu', [])
 
 
 def test_templates_that_ignore_tools_get_them_as_text():
@@ -277,6 +325,16 @@ def test_logprobs_come_from_the_model_and_greedy_picks_the_top_one(served):
     )
     logprobs = legacy.choices[0].logprobs
     assert "".join(logprobs.tokens) == legacy.choices[0].text and len(logprobs.top_logprobs[0]) == 2
+    assert logprobs.text_offset[0] == 0
+    # Streamed, text_offset counts on from chunk to chunk.
+    tokens, offsets = [], []
+    for chunk in oa.completions.create(
+        model=model, prompt="The capital of France is", max_tokens=3, temperature=0, logprobs=2, stream=True
+    ):
+        if chunk.choices and chunk.choices[0].logprobs:
+            tokens += chunk.choices[0].logprobs.tokens
+            offsets += chunk.choices[0].logprobs.text_offset
+    assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
 
 
 def test_n_choices_whole_and_streamed(served):

@@ -114,7 +114,9 @@ async def _write_event(response: web.StreamResponse, shaper: Shaper, choice: Cho
     if "text" in event:
         content, calls = choice.stream(event)
         if content or event.get("logprobs"):
-            await response.write(_sse(shaper.chunk(index, text=content, logprobs=event.get("logprobs"))))
+            chunk = shaper.chunk(index, text=content, logprobs=event.get("logprobs"), offset=choice.streamed_chars)
+            await response.write(_sse(chunk))
+        choice.streamed_chars += len(event["text"])
         await _write_calls(response, shaper, choice, calls)
         return
     choice.final = event

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import InvalidRequest
 from .structured import chosen_tools, grammar_for
@@ -45,7 +45,8 @@ class TextPart(_Base):
     text: str
 
 
-ToolName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")]
+#: As OpenAI allows them (a name is also a grammar literal and a Python identifier on the kernel side).
+ToolName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
 
 
 class FunctionCall(_Base):
@@ -65,6 +66,15 @@ class ChatMessage(_Base):
     name: str | None = None
     tool_calls: list[ToolCall] | None = Field(None, max_length=64)
     tool_call_id: str | None = Field(None, max_length=256)
+
+    @model_validator(mode="after")
+    def _tool_fields_fit_the_role(self):
+        # A tool result that names no call, or calls on a user turn, would reach the template malformed.
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError('a "tool" message needs the tool_call_id of the call it answers')
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f'tool_calls belong to "assistant" messages, not "{self.role}"')
+        return self
 
     def worker_message(self) -> dict:
         """The message as a chat template takes it (``developer`` is ``system`` to templates)."""
@@ -151,7 +161,15 @@ class SamplingParams(_Base):
     n: int = Field(1, ge=1, le=8, description="choices to generate (1 to 8)")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    response_format: ResponseFormat | None = None
+    response_format: ResponseFormat | None = Field(
+        None,
+        description="json_object or json_schema: decoding is constrained to it (a schema that cannot compile: 400)",
+    )
+
+    @field_validator("n", mode="before")
+    @classmethod
+    def _null_is_one(cls, value):
+        return 1 if value is None else value  # OpenAI clients may send "n": null
 
     @field_validator("stop")
     @classmethod
@@ -202,13 +220,17 @@ class SamplingParams(_Base):
 class ChatCompletionRequest(SamplingParams):
     messages: list[ChatMessage] = Field(min_length=1, max_length=10_000)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
-    tools: list[Tool] | None = Field(None, max_length=128)
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = Field(
-        None, description="allow several calls in one reply; off unless asked, as llama.cpp's server does"
+    tools: list[Tool] | None = Field(None, max_length=128, description="functions the model may call")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="required or a named function: the call is constrained to the tool's parameters"
     )
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    # Off unless asked (OpenAI defaults it on; llama.cpp's server, like us, off): SmolLM2 given
+    # room for more calls under tool_choice "required" repeats its call up to the limit, every time.
+    parallel_tool_calls: bool | None = Field(
+        None, description="allow up to 8 calls in one forced reply; off unless true, as in llama.cpp's server"
+    )
+    logprobs: bool | None = Field(None, description="each token's logprob, of the model's raw distribution")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="alternatives per token (needs logprobs)")
 
     def top_logprobs_asked(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:

@@ -24,9 +24,13 @@ def usage_of(finals: list[dict]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def legacy_logprobs(entries: list[dict]) -> dict:
-    """``/v1/completions``' older logprobs shape, from the per-token entries."""
-    offsets, position = [], 0
+def legacy_logprobs(entries: list[dict], start: int = 0) -> dict:
+    """``/v1/completions``' older logprobs shape, from the per-token entries.
+
+    ``text_offset`` counts from the start of the completion (as vLLM does), so a
+    streamed chunk's offsets start where the previous chunk's text ended.
+    """
+    offsets, position = [], start
     for entry in entries:
         offsets.append(position)
         position += len(entry["token"])
@@ -49,6 +53,7 @@ class Choice:
         self.logprobs: list[dict] | None = None
         self.calls: list[dict] = []
         self.final: dict = {}
+        self.streamed_chars = 0  # text streamed so far: where the next chunk's legacy text_offset starts
 
     def add(self, event: dict) -> None:
         self.parts.append(event["text"])
@@ -86,10 +91,10 @@ class Shaper:
         self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
         self.object = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
-    def _logprobs(self, entries: list[dict] | None) -> dict | None:
+    def _logprobs(self, entries: list[dict] | None, offset: int = 0) -> dict | None:
         if entries is None:
             return None
-        return {"content": entries} if self.kind == "chat" else legacy_logprobs(entries)
+        return {"content": entries} if self.kind == "chat" else legacy_logprobs(entries, offset)
 
     def chunk(
         self,
@@ -99,6 +104,7 @@ class Shaper:
         role: bool = False,
         tool_calls: list[dict] | None = None,
         logprobs: list[dict] | None = None,
+        offset: int = 0,
     ) -> dict:
         if self.kind == "chat":
             delta: dict = {}
@@ -118,7 +124,7 @@ class Shaper:
             choice = {
                 "index": index,
                 "text": text or "",
-                "logprobs": self._logprobs(logprobs),
+                "logprobs": self._logprobs(logprobs, offset),
                 "finish_reason": finish_reason,
             }
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model, "choices": [choice]}

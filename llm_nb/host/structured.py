@@ -53,7 +53,12 @@ def _checked_schema(schema_json: str, where: str) -> str:
 @functools.lru_cache(maxsize=256)
 def _checked_lark(lark: str, where: str) -> str:
     matcher, _ = _llguidance()
-    grammar = matcher.grammar_from_lark(lark)
+    return _checked_grammar(matcher.grammar_from_lark(lark), where)
+
+
+@functools.lru_cache(maxsize=256)
+def _checked_grammar(grammar: str, where: str) -> str:
+    matcher, _ = _llguidance()
     error = matcher.validate_grammar(grammar)
     if error:
         raise InvalidRequest(f"{where}: {error.strip()}", code="invalid_schema", param=where)
@@ -192,12 +197,7 @@ def grammar_for(
         )
         for tool in tools
     ]
-    lark = struct_tag.to_grammar(tags, assume_special=False)
-    matcher, _ = _llguidance()
-    error = matcher.validate_grammar(lark)
-    if error:
-        raise InvalidRequest(f"tools: {error.strip()}", code="invalid_schema", param="tools")
-    return lark
+    return _checked_grammar(struct_tag.to_grammar(tags, assume_special=False), "tools")
 
 
 # --- reading calls back -------------------------------------------------------------------------
