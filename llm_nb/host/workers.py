@@ -105,18 +105,24 @@ class WorkerProcess:
         while True:
             if self.exited.is_set():
                 raise ModelFailed(f"the worker for {self.spec.name!r} did not start: {self.crash_reason()}")
-            if self.socket_path.exists():
-                try:
-                    await self.info()
-                    return
-                except (aiohttp.ClientError, OSError):
-                    pass
+            if self.socket_path.exists() and await self._answers():
+                return
             if time.monotonic() > deadline:
                 await self.kill()
                 raise ModelFailed(
                     f"the worker for {self.spec.name!r} did not answer within {timeout:.0f} s; see {self.log_path}"
                 )
             await asyncio.sleep(0.05)
+
+    async def _answers(self) -> bool:
+        """Whether the worker answers yet. Its socket file exists from bind(), a moment before it
+        listens: a refused connection then means "not yet", not a crash (seen on busy cores)."""
+        assert self.session is not None
+        try:
+            async with self.session.get("http://worker/info", timeout=aiohttp.ClientTimeout(total=10)) as response:
+                return response.status == 200
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return False
 
     async def _wait_exit(self) -> None:
         assert self.process is not None
@@ -199,7 +205,7 @@ class WorkerProcess:
     def generate(self, request: dict) -> AsyncIterator[dict]:
         return self._stream("/generate", request)
 
-    async def embed(self, inputs: list[str]) -> dict:
+    async def embed(self, inputs: list[str | list[int]]) -> dict:
         return await self._json("POST", "/embed", {"input": inputs}, timeout=None)
 
     async def classify(self, inputs: list, parameters: dict) -> dict:
