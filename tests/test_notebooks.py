@@ -39,7 +39,7 @@ SHOWS = {
     "03-memory-budget": ["evicted: ['first']", "insufficient_memory", "needs about", "is free"],
     "04-deploy-a-model-folder": ["ready at http://127.0.0.1:", "deployment assistant v1", "undeployed v1"],
     "05-consume-an-endpoint": ["latency p50 / p90 / p99", "speed-up", "image/png"],
-    "06-openai-and-kserve-apis": ["model_not_found", "INT64", "FP32", "POSITIVE"],
+    "06-openai-and-kserve-apis": ["permission_denied", "INT64", "FP32", "POSITIVE", "resp_", "scores [3, 2]"],
     "07-remote-engine": ["team-llm · remote", "tokens/s", ") stopped"],
     "08-structured-output": ["Person Address int", "dict {", "get_weather", "tool_calls get_weather"],
 }
