@@ -11,13 +11,18 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+#: OpenAI's error types for the statuses that have their own; any other 4xx is an
+#: ``invalid_request_error`` (as OpenAI labels an unknown model's 404), any 5xx a ``server_error``.
+_TYPE_BY_STATUS = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+
 
 class LlmNbError(Exception):
     """Base class: ``message`` says what failed, why, and what to do."""
 
     code = "internal_error"
     status = 500
-    type = "server_error"
+    #: OpenAI's error ``type`` when it is not the one the status implies (see ``type``).
+    openai_type: str | None = None
 
     def __init__(self, message: str, *, code: str | None = None, status: int | None = None, **details: Any):
         super().__init__(message)
@@ -27,6 +32,15 @@ class LlmNbError(Exception):
         if status is not None:
             self.status = status
         self.details = details
+
+    @property
+    def type(self) -> str:
+        """OpenAI's ``type`` for this error: what its clients and SDKs branch on, beside our ``code``."""
+        if self.openai_type:
+            return self.openai_type
+        if self.status >= 500:
+            return "server_error"
+        return _TYPE_BY_STATUS.get(self.status, "invalid_request_error")
 
     def to_json(self) -> dict:
         body = {"message": self.message, "type": self.type, "code": self.code}
@@ -38,67 +52,74 @@ class LlmNbError(Exception):
 
 
 class InvalidRequest(LlmNbError):
-    code, status, type = "invalid_request", 400, "invalid_request_error"
+    code, status = "invalid_request", 400
+
+
+class InvalidModelFile(InvalidRequest):
+    """A model path that is not a loadable model: empty, truncated, not GGUF, not a model folder..."""
+
+    code = "invalid_model_file"
 
 
 class AuthenticationError(LlmNbError):
-    code, status, type = "invalid_api_key", 401, "authentication_error"
+    code, status = "invalid_api_key", 401
 
 
 class PermissionDenied(LlmNbError):
-    code, status, type = "permission_denied", 403, "permission_error"
+    code, status = "permission_denied", 403
 
 
 class ModelNotFound(LlmNbError):
-    code, status, type = "model_not_found", 404, "invalid_request_error"
+    code, status = "model_not_found", 404
 
 
 class RequestTooLarge(LlmNbError):
-    code, status, type = "request_too_large", 413, "invalid_request_error"
+    code, status = "request_too_large", 413
 
 
 class ContextLengthExceeded(LlmNbError):
-    code, status, type = "context_length_exceeded", 422, "invalid_request_error"
+    code, status = "context_length_exceeded", 422
 
 
 class QueueFull(LlmNbError):
-    code, status, type = "queue_full", 429, "rate_limit_error"
+    code, status = "queue_full", 429
 
 
 class ModelLoading(LlmNbError):
-    code, status, type = "model_loading", 503, "server_error"
+    code, status = "model_loading", 503
 
 
 class ModelCrashed(LlmNbError):
-    code, status, type = "model_crashed", 502, "server_error"
+    code, status = "model_crashed", 502
 
 
 class ModelFailed(LlmNbError):
     """A load that did not succeed (bad file, backend error, worker died while loading)."""
 
-    code, status, type = "load_failed", 500, "server_error"
+    code, status = "load_failed", 500
 
 
 class InsufficientMemory(LlmNbError):
-    code, status, type = "insufficient_memory", 507, "server_error"
+    code, status = "insufficient_memory", 507
 
 
 class BackendUnavailable(LlmNbError):
-    code, status, type = "backend_unavailable", 400, "invalid_request_error"
+    code, status = "backend_unavailable", 400
 
 
 class HostUnavailable(LlmNbError):
     """The client could not reach or start a host."""
 
-    code, status, type = "host_unavailable", 503, "connection_error"
+    code, status = "host_unavailable", 503
+    openai_type = "connection_error"  # raised on the client side: no server answered
 
 
 class RemoteError(LlmNbError):
-    code, status, type = "remote_error", 502, "server_error"
+    code, status = "remote_error", 502
 
 
 class Timeout(LlmNbError):
-    code, status, type = "timeout", 504, "server_error"
+    code, status = "timeout", 504
 
 
 class StructuredOutputError(LlmNbError):
@@ -108,7 +129,7 @@ class StructuredOutputError(LlmNbError):
     local decoding under a schema is constrained. ``raw`` is the reply's text as it came.
     """
 
-    code, status, type = "invalid_output", 502, "server_error"
+    code, status = "invalid_output", 502
 
     def __init__(self, message: str, *, raw: str = "", **details: Any):
         super().__init__(message, **details)
@@ -119,6 +140,7 @@ _BY_CODE: dict[str, type[LlmNbError]] = {
     cls.code: cls
     for cls in (
         InvalidRequest,
+        InvalidModelFile,
         AuthenticationError,
         PermissionDenied,
         ModelNotFound,
@@ -141,6 +163,8 @@ _BY_CODE: dict[str, type[LlmNbError]] = {
 def error_from_json(body: Any, status: int) -> LlmNbError:
     """Rebuild the exception the host raised from its JSON error body."""
     error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, str):  # KServe v2's form: the message as a string, our code beside it
+        error = {"message": error, "code": body.get("code")}
     if not isinstance(error, dict):
         return LlmNbError(f"the host answered HTTP {status}: {str(body)[:300]}", status=status)
     code = str(error.get("code") or "")

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import requests
 
-from .config import stream_read_timeout
+from .config import LOAD_ON_REQUEST_HEADER, stream_read_timeout
 from .errors import LlmNbError, error_from_json
 from .streams import progress_answer
 
@@ -91,6 +91,7 @@ class SyncTransport:
         self.locator = locator
         self.timeout = timeout
         self.session = requests.Session()
+        self.session.headers[LOAD_ON_REQUEST_HEADER] = "0"  # loads go through load(), with a lease
 
     def host_info(self, refresh: bool = False) -> dict:
         info = self.locator.find(refresh)
@@ -195,7 +196,7 @@ class AsyncTransport:
                 method,
                 info["url"] + path,
                 json=body,
-                headers={"Authorization": f"Bearer {info['key']}"},
+                headers={"Authorization": f"Bearer {info['key']}", LOAD_ON_REQUEST_HEADER: "0"},
                 **({"timeout": timeout} if timeout is not None else {}),
             )
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:

@@ -254,7 +254,8 @@ def test_full_queue_answers_429_with_retry_after(host_factory):
     assert refused.json()["error"]["code"] == "queue_full"
 
 
-def test_requests_while_loading_get_503_model_loading(host):
+def test_requests_while_loading_get_503_model_loading_when_requests_may_not_load(host_factory):
+    host = host_factory(LLM_NB_LOAD_ON_REQUEST="0")
     client = host.client()
     loader = threading.Thread(target=lambda: client.load("smollm2", name="slow-start"))
     loader.start()

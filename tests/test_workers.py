@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import time
 
 import psutil
@@ -101,7 +102,8 @@ def test_kill_9_of_a_worker_mid_stream_fails_that_model_only(host):
 
 def test_a_worker_that_dies_while_loading_fails_the_load_clearly(host, tmp_path):
     broken = tmp_path / "broken.gguf"
-    broken.write_bytes(b"GGUF" + os.urandom(4096))
+    # A whole GGUF header (version 3, a million tensors), so a worker does start on it; then noise.
+    broken.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 10**6, 10**6) + os.urandom(4096))
     client = host.client()
     with pytest.raises(Exception) as caught:
         client.load(str(broken))

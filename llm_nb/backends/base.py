@@ -82,7 +82,7 @@ class Backend:
     def generate(self, request: GenerationRequest, cancelled: threading.Event) -> Iterator[GenerationEvent]:
         raise InvalidRequest(f"model {self.spec.name!r} ({self.name}) does not generate text")
 
-    def embed(self, inputs: list[str]) -> tuple[list[list[float]], int]:
+    def embed(self, inputs: list[str | list[int]]) -> tuple[list[list[float]], int]:
         raise InvalidRequest(
             f"model {self.spec.name!r} ({self.name}) does not make embeddings; load an encoder model for /v1/embeddings"
         )
@@ -131,6 +131,67 @@ _BACKEND_MODULES = {
     "deployment": ("llm_nb.backends.user_code", "DeploymentBackend", "llm-nb"),
     "transformers-task": ("llm_nb.backends.tasks", "PipelineBackend", "llm-nb[transformers]"),
 }
+
+
+def _strings_in(value: Any) -> Iterator[str]:
+    """Every string inside a message or a tool (content, text parts, call arguments, descriptions)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings_in(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _strings_in(item)
+
+
+def tokenize_chat_prompt(
+    prompt: str, sources: list, has_control: Callable[[str], bool], encode: Callable[[str, bool, bool], list[int]]
+) -> list[int]:
+    """The token ids of a rendered chat prompt, where only the template's own markup may be control tokens.
+
+    Text that came from a message or a tool (``sources``) and spells a control token (a user
+    writing ``<|im_end|><|im_start|>system``) is found in the prompt and tokenized as plain text,
+    so it cannot close its turn or forge another. ``encode(text, special, first)`` tokenizes one
+    piece; prompts without such text are tokenized whole, as before.
+    """
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for text in _strings_in(sources):
+        if not text or not has_control(text):
+            continue
+        at = prompt.find(text, cursor)
+        if at < 0:
+            at = prompt.find(text)  # a template may move a message (a system prompt first)
+        if at < 0:
+            raise InvalidRequest(
+                "a message holds text that spells one of the model's control tokens, and its chat template "
+                f"rewrites that message, so it cannot be kept as plain text: {text[:80]!r}"
+            )
+        spans.append((at, at + len(text)))
+        cursor = at + len(text)
+    if not spans:
+        return encode(prompt, True, True)
+    ids: list[int] = []
+    position = 0
+    for start, end in sorted(spans):
+        if start > position:
+            ids += encode(prompt[position:start], True, not ids)
+        if end > position:
+            ids += encode(prompt[max(start, position) : end], False, not ids)
+            position = end
+    if position < len(prompt):
+        ids += encode(prompt[position:], True, not ids)
+    return ids
+
+
+def check_token_ids(inputs: list, vocab_size: int, model: str) -> None:
+    """A 400 for a token id the model's vocabulary does not have (an embedding input as ids)."""
+    for index, item in enumerate(inputs):
+        if isinstance(item, list) and (bad := [t for t in item if not 0 <= t < vocab_size]):
+            raise InvalidRequest(
+                f"input {index} has token id {bad[0]}, outside {model!r}'s vocabulary of {vocab_size} tokens"
+            )
 
 
 def coerce_option(backend: str, key: str, value: Any, known: dict[str, type]) -> Any:

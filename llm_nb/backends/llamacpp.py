@@ -25,7 +25,9 @@ from .base import (
     Progress,
     StopBuffer,
     TextDelta,
+    check_token_ids,
     coerce_option,
+    tokenize_chat_prompt,
 )
 from .constraints import Constraint, LogprobQueue, log_softmax, logprob_entry
 
@@ -140,7 +142,12 @@ class LlamaCppBackend(Backend):
             except Exception as exc:  # a template that refuses the messages (e.g. roles out of order)
                 raise InvalidRequest(f"the model's chat template rejected the messages: {exc}") from exc
             stops = [result.stop] if isinstance(result.stop, str) else list(result.stop or [])
-            tokens = self.llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
+
+            def encode(text: str, special: bool, first: bool) -> list[int]:
+                add_bos = first and not result.added_special
+                return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+
+            tokens = tokenize_chat_prompt(result.prompt, [messages, tools], self._spells_control, encode)
             return tokens, [s for s in stops if s]
         return self.llm.tokenize((request.prompt or "").encode("utf-8"), add_bos=True, special=True), []
 
@@ -215,15 +222,24 @@ class LlamaCppBackend(Backend):
     def tokenize(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
-    def embed(self, inputs: list[str]) -> tuple[list[list[float]], int]:
+    def _spells_control(self, text: str) -> bool:
+        raw = text.encode("utf-8")
+        return self.llm.tokenize(raw, add_bos=False, special=True) != self.llm.tokenize(
+            raw, add_bos=False, special=False
+        )
+
+    def embed(self, inputs: list[str | list[int]]) -> tuple[list[list[float]], int]:
         if not self.options.get("embedding"):
             return super().embed(inputs)
         import math
 
+        check_token_ids(inputs, self.llm.n_vocab(), self.spec.name)
         with self.lock:
             vectors, total = [], 0
-            for text in inputs:
-                total += len(self.tokenize(text))
+            for item in inputs:
+                # llama-cpp-python embeds text only: token ids go back to their text first.
+                text = self.llm.detokenize(item).decode("utf-8", errors="replace") if isinstance(item, list) else item
+                total += len(item) if isinstance(item, list) else len(self.tokenize(text))
                 vector = self.llm.embed(text)
                 if vector and isinstance(vector[0], list):  # per-token output: mean-pool it
                     vector = [sum(col) / len(vector) for col in zip(*vector, strict=True)]
@@ -242,6 +258,7 @@ class LlamaCppBackend(Backend):
             or ("gguf" if self.llm.metadata.get("tokenizer.chat_template") else "chatml"),
             "n_params": model.n_params(),
             "file_bytes": os.path.getsize(self.spec.path),
+            "embedding_length": self.llm.n_embd() if self.options.get("embedding") else None,
         }
 
 

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..errors import BackendUnavailable, ContextLengthExceeded, InvalidRequest, ModelFailed
-from .base import Backend, GenerationEvent, GenerationRequest, Progress
+from .base import Backend, GenerationEvent, GenerationRequest, Progress, check_token_ids, tokenize_chat_prompt
 from .constraints import Constraint
 from .transformers_options import (
     check_quantize,
@@ -165,6 +165,7 @@ class TransformersBackend(Backend):
             self.parallel = 1
             self.engine = None
             self.embed_lock = threading.Lock()
+            self._specials: tuple[list[int], list[int]] | None = None
         progress("ready", 1.0)
 
     def _check_ctx(self, wanted: int | None, positions: int | None) -> None:
@@ -221,12 +222,23 @@ class TransformersBackend(Backend):
                     )
 
                 try:
-                    text = render(*self.chat_messages(request, render))
+                    messages, tools = self.chat_messages(request, render)
+                    text = render(messages, tools)
                 except Exception as exc:  # a template that refuses the messages (e.g. roles out of order)
                     raise InvalidRequest(f"the model's chat template rejected the messages: {exc}") from exc
-                # The template writes its own BOS where the model wants one.
-                return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+                def encode(piece: str, special: bool, first: bool) -> list[int]:
+                    # The template writes its own BOS where the model wants one.
+                    return list(
+                        self.tokenizer.encode(piece, add_special_tokens=False, split_special_tokens=not special)
+                    )
+
+                return tokenize_chat_prompt(text, [messages, tools], self._spells_control, encode)
             return list(self.tokenizer.encode(request.prompt or "", add_special_tokens=True))
+
+    def _spells_control(self, text: str) -> bool:
+        plain = self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+        return self.tokenizer.encode(text, add_special_tokens=False) != plain
 
     def generate(self, request: GenerationRequest, cancelled: threading.Event) -> Iterator[GenerationEvent]:
         from .base import Finished
@@ -292,18 +304,28 @@ class TransformersBackend(Backend):
             return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     # --- embeddings ------------------------------------------------------------
-    def embed(self, inputs: list[str]) -> tuple[list[list[float]], int]:
+    def embed(self, inputs: list[str | list[int]]) -> tuple[list[list[float]], int]:
         if self.generative:
             return super().embed(inputs)
         torch = self.torch
         limit = self.max_positions or self.n_ctx
+        check_token_ids(inputs, len(self.tokenizer), self.spec.name)
         vectors: list[list[float]] = []
         total = 0
         with self.embed_lock, torch.inference_mode():
             for start in range(0, len(inputs), 32):
-                chunk = [str(text) for text in inputs[start : start + 32]]
+                chunk = inputs[start : start + 32]
                 with self.tokenizer_lock:
-                    encoded = self.tokenizer(chunk, padding=True, truncation=False, return_tensors="pt")
+                    # Token ids (as OpenAI takes them) are the text without the special tokens
+                    # the tokenizer adds around it: add those, as for a text.
+                    prefix, suffix = self._special_tokens_around()
+                    rows = [
+                        prefix + item + suffix
+                        if isinstance(item, list)
+                        else self.tokenizer(str(item), truncation=False)["input_ids"]
+                        for item in chunk
+                    ]
+                    encoded = self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
                 lengths = encoded["attention_mask"].sum(dim=1)
                 longest = int(lengths.max()) if len(chunk) else 0
                 if longest > limit:
@@ -332,6 +354,19 @@ class TransformersBackend(Backend):
         )
 
     # --- status ------------------------------------------------------------------
+    def _special_tokens_around(self) -> tuple[list[int], list[int]]:
+        """The ids the tokenizer puts before and after a text's own ([CLS] ... [SEP] for BERT).
+
+        Read off one encoding with and without them: transformers 5 tokenizers no longer
+        expose ``build_inputs_with_special_tokens``.
+        """
+        if self._specials is None:
+            whole = self.tokenizer("a", truncation=False)["input_ids"]
+            plain = self.tokenizer("a", add_special_tokens=False, truncation=False)["input_ids"]
+            start = next((i for i in range(len(whole)) if whole[i : i + len(plain)] == plain), 0)
+            self._specials = (whole[:start], whole[start + len(plain) :])
+        return self._specials
+
     def info(self) -> dict[str, Any]:
         config = self.model_config
         architectures = getattr(config, "architectures", None) or [getattr(config, "model_type", "?")]
@@ -350,6 +385,8 @@ class TransformersBackend(Backend):
             "torch": self.torch.__version__,
             "n_threads": self.torch.get_num_threads() if self.device.type == "cpu" else None,
         }
+        if not self.generative:  # what `dimensions` may ask for at most
+            info["embedding_length"] = getattr(config, "hidden_size", None)
         if self.engine is not None:
             info["batch"] = self.engine.stats()
         if self.device.type == "cuda":

@@ -34,7 +34,7 @@ class Runner(Protocol):
     def generate(self, request: dict) -> AsyncIterator[dict]:
         """``{"text"}`` events, then ``{"finish_reason", "prompt_tokens", "completion_tokens"}``."""
 
-    async def embed(self, inputs: list[str]) -> dict:
+    async def embed(self, inputs: list[str | list[int]]) -> dict:
         """``{"data": [vector, ...], "prompt_tokens": n}``."""
 
     async def classify(self, inputs: list, parameters: dict) -> dict: ...
@@ -113,7 +113,9 @@ class LoadedModel:
     def expires_at(self) -> float | None:
         if self.leases or self.idle_since is None or self.keep_alive < 0:
             return None
-        return self.idle_since + self.keep_alive
+        # From the last use, not only from the last lease's end: a model that requests keep
+        # busy (loaded on first use, held by nobody) stays while it is used.
+        return max(self.idle_since, self.last_used) + self.keep_alive
 
     def touch(self) -> None:
         self.last_used = time.time()

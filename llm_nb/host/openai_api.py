@@ -8,17 +8,19 @@ remote engine serves the model.
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import json
+import math
 import struct
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from aiohttp import web
 
+from ..catalog import catalog_entries
 from ..config import heartbeat_interval
-from ..errors import LlmNbError
-from .http import HEARTBEAT, PRINCIPAL, read_json, with_heartbeats
+from ..errors import InvalidRequest, LlmNbError
+from .http import HEARTBEAT, PRINCIPAL, dumps, json_response, may_load, read_json, start_event_stream, with_heartbeats
 from .loaded import LoadedModel
 from .registry import Registry
 from .relay import RAW_BODY, relay, relayed
@@ -43,7 +45,7 @@ async def generation_events(model: LoadedModel, payload: dict) -> AsyncIterator[
 
 
 def _sse(data: dict | str) -> bytes:
-    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    text = data if isinstance(data, str) else dumps(data, ensure_ascii=False)
     return f"data: {text}\n\n".encode()
 
 
@@ -60,9 +62,9 @@ def _payloads(parsed) -> list[dict]:
 
 
 async def _respond(request: web.Request, kind: str, parsed) -> web.StreamResponse:
-    registry = registry_of(request)
-    model = registry.get(parsed.model)
-    request[PRINCIPAL].require(model.spec.name)
+    if parsed.model:  # before anything loads on its behalf
+        request[PRINCIPAL].require(parsed.model)
+    model = await registry_of(request).for_request(parsed.model, may_load(request))
     if relayed(parsed, model):  # a remote engine answers these fields itself
         return await relay(request, model, parsed)
     tools = parsed.callable_tools()[0] if kind == "chat" else []
@@ -70,16 +72,13 @@ async def _respond(request: web.Request, kind: str, parsed) -> web.StreamRespons
     choices = [Choice(i, tools) for i in range(parsed.n)]
     sources = [generation_events(model, payload) for payload in _payloads(parsed)]
     if not parsed.stream:
-        return web.json_response(await _whole(shaper, choices, merged(sources)))
+        return json_response(await _whole(shaper, choices, merged(sources)))
     # Heartbeats while the request waits in the queue or the worker is busy: a reader whose host
     # goes silent for any reason can tell within seconds (its read timeout is a little above this).
     events = with_heartbeats(merged(sources), heartbeat_interval())
     async with aclosing(events):
         first = await anext(events)  # queue full, context too long...: a plain error status, not a broken stream
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        )
-        await response.prepare(request)
+        response = await start_event_stream(request)
         if kind == "chat":
             for choice in choices:
                 await response.write(_sse(shaper.chunk(choice.index, text="", role=True)))
@@ -166,8 +165,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
 @routes.post("/v1/embeddings")
 async def embeddings(request: web.Request) -> web.Response:
     parsed = parse(EmbeddingRequest, await read_json(request))
-    model = registry_of(request).get(parsed.model)
-    request[PRINCIPAL].require(model.spec.name)
+    if parsed.model:
+        request[PRINCIPAL].require(parsed.model)
+    model = await registry_of(request).for_request(parsed.model, may_load(request))
+    length = model.info.get("embedding_length")
+    if parsed.dimensions and length and parsed.dimensions > length:
+        raise _too_many_dimensions(parsed.dimensions, model.spec.name, length)
     async with model.queue.slot():
         result = await model.runner.embed(parsed.inputs())
     model.requests_served += 1
@@ -175,12 +178,14 @@ async def embeddings(request: web.Request) -> web.Response:
     data = []
     for index, vector in enumerate(result["data"]):
         if parsed.dimensions:
-            vector = vector[: parsed.dimensions]
+            if parsed.dimensions > len(vector):  # a remote model, whose length is known only now
+                raise _too_many_dimensions(parsed.dimensions, model.spec.name, len(vector))
+            vector = _unit(vector[: parsed.dimensions])
         if parsed.encoding_format == "base64":
             vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
         data.append({"object": "embedding", "index": index, "embedding": vector})
     tokens = result.get("prompt_tokens", 0)
-    return web.json_response(
+    return json_response(
         {
             "object": "list",
             "data": data,
@@ -188,6 +193,16 @@ async def embeddings(request: web.Request) -> web.Response:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
     )
+
+
+def _too_many_dimensions(asked: int, name: str, length: int) -> InvalidRequest:
+    return InvalidRequest(f"dimensions={asked} is more than {name!r} makes: its embeddings have {length}")
+
+
+def _unit(vector: list[float]) -> list[float]:
+    """A shortened embedding scaled back to length 1, as OpenAI's are (cosine = dot product)."""
+    norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+    return [v / norm for v in vector]
 
 
 def _model_card(model: LoadedModel) -> dict:
@@ -201,18 +216,46 @@ def _model_card(model: LoadedModel) -> dict:
     }
 
 
+def _catalog_cards(registry: Registry) -> dict[str, dict]:
+    """Catalog models nobody loaded, which a request loads on first use: tools that list models can pick them."""
+    if not registry.settings.load_on_request:
+        return {}
+    try:
+        entries = catalog_entries(registry.settings.catalog_file)
+    except LlmNbError:  # a broken catalog file: /api/catalog says why; the loaded models still list
+        return {}
+    return {
+        name: {
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "llm-nb",
+            "backend": entry.get("backend") or "llamacpp",
+            "state": "available",
+        }
+        for name, entry in entries.items()
+        if name not in registry.models
+    }
+
+
 @routes.get("/v1/models")
 async def list_models(request: web.Request) -> web.Response:
-    models = [m for m in registry_of(request).models.values() if request[PRINCIPAL].allows(m.spec.name)]
-    return web.json_response({"object": "list", "data": [_model_card(m) for m in models]})
+    registry = registry_of(request)
+    cards = [_model_card(m) for m in registry.models.values()]
+    cards += (await asyncio.to_thread(_catalog_cards, registry)).values()
+    allowed = [card for card in cards if request[PRINCIPAL].allows(card["id"])]
+    return json_response({"object": "list", "data": allowed})
 
 
 @routes.get("/v1/models/{name:.+}")
 async def get_model(request: web.Request) -> web.Response:
     registry = registry_of(request)
     name = request.match_info["name"]
-    model = registry.models.get(name)
-    if model is None:
-        registry.get(name)  # raises the model_not_found error with its hint
     request[PRINCIPAL].require(name)
-    return web.json_response(_model_card(model))
+    model = registry.models.get(name)
+    if model is not None:
+        return json_response(_model_card(model))
+    card = (await asyncio.to_thread(_catalog_cards, registry)).get(name)
+    if card is None:
+        registry.get(name)  # raises the model_not_found error with its hint
+    return json_response(card)

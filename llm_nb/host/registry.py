@@ -15,10 +15,19 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..catalog import ModelSpec
+from ..catalog import ModelSpec, catalog_spec
 from ..config import Settings, format_bytes
 from ..connection import pid_alive
-from ..errors import InsufficientMemory, InvalidRequest, ModelCrashed, ModelLoading, ModelNotFound
+from ..errors import (
+    InsufficientMemory,
+    InvalidModelFile,
+    InvalidRequest,
+    ModelCrashed,
+    ModelFailed,
+    ModelLoading,
+    ModelNotFound,
+)
+from ..model_files import gguf_problem
 from . import memory
 from .loaded import Lease, LoadedModel, Runner
 from .remote import RemoteEngine
@@ -136,9 +145,12 @@ class Registry:
 
     # --- load / unload ---------------------------------------------------------
     async def load(
-        self, spec: ModelSpec, lease: Lease, keep_alive: float | None = None, api_key: str | None = None
+        self, spec: ModelSpec, lease: Lease | None, keep_alive: float | None = None, api_key: str | None = None
     ) -> tuple[LoadedModel, bool]:
-        """Attach to ``spec.name`` if it is loaded (or loading), else load it. Returns (model, attached)."""
+        """Attach to ``spec.name`` if it is loaded (or loading), else load it. Returns (model, attached).
+
+        Without a lease (a load on first use) the model is held by nobody and lives by keep-alive.
+        """
         async with self._admit:
             model = self.models.get(spec.name)
             carried: dict[str, Lease] = {}
@@ -152,8 +164,9 @@ class Registry:
                         f"the name {spec.name!r} is taken by {model.spec.path or model.spec.url} ({model.spec.backend}); "
                         "choose another with --name"
                     )
-                model.leases[lease.client] = lease
-                model.idle_since = None
+                if lease is not None:
+                    model.leases[lease.client] = lease
+                    model.idle_since = None
                 if keep_alive is not None:
                     model.keep_alive = keep_alive
                 model.touch()
@@ -167,7 +180,7 @@ class Registry:
                     need,
                     self.settings.max_queue,
                 )
-                model.leases = {**carried, lease.client: lease}
+                model.leases = {**carried, **({lease.client: lease} if lease else {})}
                 self.models[spec.name] = model
                 model.load_task = asyncio.create_task(self._run_load(model, api_key))
                 attached = False
@@ -206,6 +219,8 @@ class Registry:
             if self.models.get(model.spec.name) is model:
                 del self.models[model.spec.name]
             self.notify()
+            if isinstance(exc, ModelFailed) and (problem := await self._file_problem(model.spec)):
+                raise InvalidModelFile(f"the model path {model.spec.path} {problem}") from exc
             raise
         model.load_seconds = time.monotonic() - started
         model.loaded_at = time.time()
@@ -219,6 +234,13 @@ class Registry:
             format_bytes(model.cost_bytes(self.budget_kind)),
         )
         self.notify()
+
+    @staticmethod
+    async def _file_problem(spec: ModelSpec) -> str | None:
+        """Why a model file failed to load, when it is the file's fault (a bad request, not a host fault)."""
+        if not spec.path or not str(spec.path).lower().endswith(".gguf"):
+            return None
+        return await asyncio.to_thread(gguf_problem, spec.path)
 
     async def _worker_exited(self, worker: WorkerProcess) -> None:
         if worker.stopping:
@@ -283,6 +305,25 @@ class Registry:
             log.info("unloaded %s", name)
 
     # --- requests ----------------------------------------------------------------
+    async def for_request(self, name: str | None, may_load: bool = True) -> LoadedModel:
+        """``get``, after loading a catalog model a request names on its first use (as Ollama does).
+
+        A model that is loading is waited for, so concurrent first requests share one load.
+        Only catalog names load this way, never a path a request names. ``may_load``: False
+        for llm-nb's own clients (``LOAD_ON_REQUEST_HEADER``).
+        """
+        if name and may_load and self.settings.load_on_request:
+            model = self.models.get(name)
+            if model is None:
+                spec = await asyncio.to_thread(catalog_spec, name, self.settings.catalog_file)
+                if spec is not None:
+                    _, attached = await self.load(spec, None)  # concurrent first requests attach to one load
+                    if not attached:
+                        log.info("loaded %s on its first request; it is held by nobody", name)
+            elif model.state == "loading" and model.load_task is not None:
+                await asyncio.shield(model.load_task)
+        return self.get(name)
+
     def get(self, name: str | None) -> LoadedModel:
         """The model a request names, ready to serve, or an error that says what to do."""
         if not name:

@@ -289,7 +289,7 @@ class RemoteEngine:
                 finish_reason = choice.get("finish_reason") or finish_reason
         raise RemoteError(f"the remote engine at {self.base} ended the stream early")
 
-    async def embed(self, inputs: list[str]) -> dict:
+    async def embed(self, inputs: list[str | list[int]]) -> dict:
         if refused := self._openai_only():
             raise refused
         body = {"model": self.remote_model, "input": inputs, "encoding_format": "float"}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from ..errors import InvalidRequest
 from .structured import chosen_tools, grammar_for
@@ -37,7 +37,7 @@ def parse(model: type[BaseModel], body: Any):
 
 class _Base(BaseModel):
     # OpenAI clients send fields we do not use (user, logit_bias, metadata...): ignore them.
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class TextPart(_Base):
@@ -300,7 +300,9 @@ class CompletionRequest(SamplingParams):
 
 class EmbeddingRequest(_Base):
     model: str = Field(min_length=1, max_length=256)
-    input: str | list[str] = Field(min_length=1)
+    # As OpenAI takes it: a text, texts, one text as token ids, or texts as token ids
+    # (LangChain's OpenAIEmbeddings sends token ids by default).
+    input: str | list[str] | list[StrictInt] | list[list[StrictInt]] = Field(min_length=1)
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
 
@@ -309,10 +311,19 @@ class EmbeddingRequest(_Base):
     def _bounded(cls, value):
         if isinstance(value, list) and len(value) > 2048:
             raise ValueError("at most 2048 inputs per request")
+        if isinstance(value, list) and value and isinstance(value[0], list | int):
+            rows = value if isinstance(value[0], list) else [value]
+            if any(not row for row in rows):
+                raise ValueError("a list of token ids must not be empty")
+            if any(token < 0 for row in rows for token in row):
+                raise ValueError("token ids are non-negative integers")
         return value
 
-    def inputs(self) -> list[str]:
-        return [self.input] if isinstance(self.input, str) else list(self.input)
+    def inputs(self) -> list[str | list[int]]:
+        """One item per vector: a text, or a text as token ids."""
+        if isinstance(self.input, str) or isinstance(self.input[0], int):
+            return [self.input]
+        return list(self.input)
 
 
 class ClientInfo(_Base):
@@ -392,6 +403,6 @@ class UseModelRequest(_Base):
 class PredictPayload(BaseModel):
     """A deployment's payload: whatever its model.py reads; the Practicus-style keys are these."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     user_prompt: str | None = None
     system_context: str | None = None
