@@ -33,7 +33,7 @@ from ..streams import sse_event
 
 CRASH_WINDOW_S = 300.0
 EXIT_POLL_S = 0.25
-STOP_GRACE_S = 20.0  # the host itself waits up to 10 s for requests in flight, then stops its workers
+STOP_GRACE_S = 15.0  # the host is gone within 10 s of SIGTERM whatever is in flight (app.STOP_BOUND_S)
 LOG_TAIL_LINES = 20
 
 

@@ -6,6 +6,10 @@ starts a worker process (``llm_nb.backends.user_code``) that imports
 exception, ``sys.exit`` or ``os._exit`` in ``model.py`` costs that deployment
 only.
 
+A deploy in progress is listed (``state: "deploying"``, bytes copied so far);
+an undeploy of its name, or the host stopping, cancels it: its copy stops and
+its partial files go, or its worker ends.
+
 A new deploy under a name that is live brings the new version up beside the
 old one and switches only once ``init`` has succeeded; if it fails, the old
 version goes on serving. The old one finishes the requests it has, then ends.
@@ -32,11 +36,13 @@ from ..registry import Registry
 from ..scheduler import ModelQueue
 from ..tokens import TokenIssuer
 from ..workers import WorkerProcess, describe_exit, safe_name
-from .files import Progress, copy_files, files_to_copy, read_model_json
+from .files import CopyJob, CopyLimits, Progress, files_to_copy, read_model_json
 
 log = logging.getLogger("llm_nb.host.deployments")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DRAIN_S = 60.0
+CLEANUP_GRACE_S = 35.0  # cleanup() may take its time, except while the host stops
+UNWIND_S = 5.0  # a cancelled deploy's stage: kill its worker or drop its partial files
 
 
 class DeploymentWorker(WorkerProcess):
@@ -71,6 +77,11 @@ class Deployment:
     failure: str | None = None
     progress: dict = field(default_factory=dict)
     deploy_seconds: float | None = None
+    copy_job: CopyJob | None = None
+    #: Set, with the error its deploy answers, by an undeploy or the host stopping.
+    cancel_error: LlmNbError | None = None
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    settled: asyncio.Event = field(default_factory=asyncio.Event)  # the deploy ended, one way or another
 
     @property
     def lease_client(self) -> str:
@@ -95,6 +106,9 @@ class Deployment:
             "worker_pid": self.worker.pid if self.worker else None,
             "rss_bytes": memory.process_rss(self.worker.pid) if self.worker and self.worker.pid else 0,
             "deploy_seconds": self.deploy_seconds,
+            "bytes_copied": self.copy_job.bytes_done if self.copy_job else 0,
+            "bytes_total": self.copy_job.total if self.copy_job else None,
+            "progress": self.progress,
             "failure": self.failure,
             "api_url": f"{base_url}/models/{self.name}/",
             "log_file": str(self.worker.log_path) if self.worker else None,
@@ -152,6 +166,8 @@ class DeploymentManager:
         self.host_url = host_url
         self.live = live
         self.deployments: dict[str, Deployment] = {}
+        self.pending: dict[str, Deployment] = {}  # deploys in progress, not serving yet
+        self._stop_deadline: float | None = None  # set once the host stops
         self._locks: dict[str, asyncio.Lock] = {}
         self._versions: dict[str, int] = {}
         self._seq = 0
@@ -173,6 +189,8 @@ class DeploymentManager:
             return await self._deploy(name, path.resolve(), progress)
 
     async def _deploy(self, name: str, folder: Path, progress: Progress) -> Deployment:
+        if self._stop_deadline is not None:
+            raise _host_stopping(name)
         started = time.monotonic()
         dep = await self._new_version(name, folder)
 
@@ -180,11 +198,46 @@ class DeploymentManager:
             dep.progress = event
             progress(event)
 
-        await self._copy_files(dep, report)
-        await self._start_worker(dep, report)
-        dep.deploy_seconds = time.monotonic() - started
-        await self._switch_to(dep)
+        self.pending[name] = dep
+        try:
+            await self._unless_cancelled(dep, self._copy_files(dep, report))
+            await self._unless_cancelled(dep, self._start_worker(dep, report))
+            if dep.cancel_error is not None:  # cancelled as init() finished
+                await self._stop(dep, kill=True)
+                raise dep.cancel_error
+            dep.deploy_seconds = time.monotonic() - started
+            await self._switch_to(dep)
+        finally:
+            if self.pending.get(name) is dep:
+                del self.pending[name]
+            dep.settled.set()
         return dep
+
+    async def _unless_cancelled(self, dep: Deployment, stage_coro) -> Any:
+        """Run one stage of a deploy; an undeploy or the host stopping ends it at once."""
+        stage = asyncio.ensure_future(stage_coro)
+        cancelled = asyncio.ensure_future(dep.cancelled.wait())
+        try:
+            await asyncio.wait({stage, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            stage.cancel()
+            raise
+        finally:
+            cancelled.cancel()
+        if not stage.done():
+            stage.cancel()  # the stage's own handlers kill its worker or drop its partial files
+            await asyncio.wait({stage}, timeout=UNWIND_S)
+            raise dep.cancel_error
+        return stage.result()
+
+    def _cancel(self, dep: Deployment, error: LlmNbError) -> None:
+        if dep.cancel_error is None:
+            dep.cancel_error = error
+            dep.state = "undeploying"
+            log.info("cancelling the deploy of %s v%d: %s", dep.name, dep.version, error.message)
+        dep.cancelled.set()
+        if dep.copy_job is not None:
+            dep.copy_job.cancel(error)  # now, from here: its thread may be stuck in a read
 
     async def _new_version(self, name: str, folder: Path) -> Deployment:
         model_json = await asyncio.to_thread(read_model_json, folder)
@@ -198,9 +251,16 @@ class DeploymentManager:
             return
         report({"stage": "download", "message": f"copying model files to {dep.files_dir}"})
         loop = asyncio.get_running_loop()
-        dep.files = await asyncio.to_thread(
-            copy_files, sources, dep.folder, dep.files_dir, lambda e: loop.call_soon_threadsafe(report, e)
+        dep.copy_job = CopyJob(
+            sources,
+            dep.folder,
+            dep.files_dir,
+            CopyLimits.from_settings(self.settings),
+            lambda e: loop.call_soon_threadsafe(report, e),
         )
+        if dep.cancel_error is not None:
+            raise dep.cancel_error
+        dep.files = await dep.copy_job.run()
 
     def _worker_spec(self, dep: Deployment) -> ModelSpec:
         return ModelSpec(
@@ -255,26 +315,49 @@ class DeploymentManager:
         self._versions[dep.name] = dep.version
         old = self.deployments.get(dep.name)
         self.deployments[dep.name] = dep
+        if self.pending.get(dep.name) is dep:
+            del self.pending[dep.name]
         log.info("deployed %s v%d from %s in %.2f s", dep.name, dep.version, dep.folder, dep.deploy_seconds)
         if old is not None:
             await self._stop(old, drain=True)
 
     # --- undeploy --------------------------------------------------------------------
     async def undeploy(self, name: str) -> dict:
-        dep = self.deployments.get(name)
-        if dep is None:
+        """End ``name``: a deploy of it in progress is cancelled, the version that serves ends."""
+        pending = self.pending.get(name)
+        if pending is None and name not in self.deployments:
             raise ModelNotFound(f"no deployment {name!r}; deployed: {', '.join(self.deployments) or 'none'}")
-        async with self._locks.setdefault(name, asyncio.Lock()):
-            if self.deployments.get(name) is dep:
-                del self.deployments[name]
-            await self._stop(dep)
-        return {"name": name, "undeployed": True, "version": dep.version, "requests_served": dep.requests_served}
+        answer: dict = {"name": name, "undeployed": True}
+        if pending is not None:
+            self._cancel(
+                pending,
+                LlmNbError(
+                    f"the deploy of {name!r} v{pending.version} was cancelled by an undeploy; "
+                    "its partial files are removed. Deploy it again when you want it",
+                    code="deploy_cancelled",
+                    status=409,
+                ),
+            )
+            try:
+                await asyncio.wait_for(pending.settled.wait(), UNWIND_S + 1.0)
+            except TimeoutError:
+                log.warning("the cancelled deploy of %s v%d is slow to unwind", name, pending.version)
+            answer.update(version=pending.version, requests_served=0, cancelled_deploy=pending.version)
+        dep = self.deployments.get(name)  # read again: the cancelled deploy may have switched just before
+        if dep is not None:
+            async with self._locks.setdefault(name, asyncio.Lock()):
+                if self.deployments.get(name) is dep:
+                    del self.deployments[name]
+                await self._stop(dep)
+            answer.update(version=dep.version, requests_served=dep.requests_served)
+        return answer
 
-    async def _stop(self, dep: Deployment, kill: bool = False, drain: bool = False) -> None:
+    async def _stop(self, dep: Deployment, kill: bool = False, drain: bool = False, grace: float | None = None) -> None:
         """End the worker (its cleanup() runs on the way) and release the models it leased.
 
         ``drain``: a replaced version first finishes the requests it has taken (up to
-        ``DRAIN_S``); new ones already go to its successor.
+        ``DRAIN_S``); new ones already go to its successor. ``grace``: how long cleanup()
+        may take before the worker is killed (default ``CLEANUP_GRACE_S``).
         """
         if drain and dep.queue is not None:
             deadline = time.monotonic() + DRAIN_S
@@ -286,7 +369,7 @@ class DeploymentManager:
             if kill:
                 await dep.worker.kill()
             else:
-                await dep.worker.stop(max(self.settings.worker_grace, 35.0))  # cleanup() may take its time
+                await dep.worker.stop(grace if grace is not None else max(self.settings.worker_grace, CLEANUP_GRACE_S))
         for model_name, model in list(self.registry.models.items()):
             if dep.lease_client in model.leases:
                 try:
@@ -304,13 +387,35 @@ class DeploymentManager:
                 self.live.remove(dep)
                 log.warning("deployment %s failed: %s", dep.name, dep.failure)
 
+    def stopping(self, deadline: float) -> None:
+        """The host stops: deploys in progress are cancelled now; ``shutdown`` ends by ``deadline`` (monotonic)."""
+        self._stop_deadline = deadline
+        for dep in list(self.pending.values()):
+            self._cancel(dep, _host_stopping(dep.name))
+
     async def shutdown(self) -> None:
-        await asyncio.gather(*(self._stop(d) for d in list(self.deployments.values())), return_exceptions=True)
+        """Every deployment's cleanup() runs, within what is left of the host's stop bound."""
+        deadline = self._stop_deadline
+        if deadline is None:
+            deadline = time.monotonic() + CLEANUP_GRACE_S
+            self.stopping(deadline)
+        grace = max(0.5, min(CLEANUP_GRACE_S, deadline - time.monotonic() - 1.0))  # the kill below fits too
+        ending = [self._stop(d, grace=grace) for d in list(self.deployments.values())]
+        ending += [d.settled.wait() for d in list(self.pending.values())]
+        try:
+            await asyncio.wait_for(asyncio.gather(*ending, return_exceptions=True), grace + 1.0)
+        except TimeoutError:
+            log.warning("deployments did not end within %.1f s; their workers are killed", grace + 1.0)
+            for dep in [*self.deployments.values(), *self.pending.values()]:
+                if dep.worker is not None:
+                    await dep.worker.kill()
         self.deployments.clear()
 
     # --- requests --------------------------------------------------------------------
     def get(self, name: str) -> Deployment:
         dep = self.deployments.get(name)
+        if dep is None and name in self.pending:
+            raise ModelLoading(f"deployment {name!r} is still deploying; retry in a few seconds", retry_after=2)
         if dep is None:
             raise ModelNotFound(
                 f"no deployment {name!r} on this host; deployed: {', '.join(self.deployments) or 'none'}. "
@@ -347,4 +452,14 @@ class DeploymentManager:
         return self.registry.log_dir / f"deployment-{safe_name(name)}.log"
 
     def status_json(self, allowed: Callable[[str], bool]) -> list[dict]:
-        return [d.meta(self.host_url) for d in self.deployments.values() if allowed(d.name)]
+        """The deployments that serve, then the deploys in progress (a redeploy's new version beside its old)."""
+        listed = [*self.deployments.values(), *(d for d in self.pending.values() if d.state == "deploying")]
+        return [d.meta(self.host_url) for d in listed if allowed(d.name)]
+
+
+def _host_stopping(name: str) -> LlmNbError:
+    return LlmNbError(
+        f"the host is stopping: the deploy of {name!r} was cancelled. Deploy it again once a host runs",
+        code="host_stopping",
+        status=503,
+    )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 from aiohttp import web
@@ -11,7 +10,7 @@ from aiohttp import web
 from ...catalog import resolve
 from ...config import heartbeat_interval, parse_duration
 from ...errors import LlmNbError, ModelNotFound, PermissionDenied
-from ..http import PRINCIPAL, end_progress, read_json
+from ..http import PRINCIPAL, dumps, end_progress, json_response, read_json
 from ..loaded import Lease
 from ..schemas import DeployRequest, UndeployRequest, UseModelRequest, parse
 from ..workers import tail
@@ -43,18 +42,18 @@ async def model_api(request: web.Request) -> web.Response:
         dep = manager.deployments.get(name)
         if dep is None:
             manager.get(name)  # the not-found error with its hint
-        return web.json_response(await asyncio.to_thread(dep.meta, manager.host_url))
+        return json_response(await asyncio.to_thread(dep.meta, manager.host_url))
     if request.can_read_body:
         payload = await read_json(request)
     else:  # a bare GET: the query string is the payload
         payload = dict(request.query)
-    return web.json_response(await manager.predict(name, payload))
+    return json_response(await manager.predict(name, payload))
 
 
 @routes.get("/api/deployments")
 async def list_deployments(request: web.Request) -> web.Response:
     manager = manager_of(request)
-    return web.json_response({"deployments": await asyncio.to_thread(manager.status_json, request[PRINCIPAL].allows)})
+    return json_response({"deployments": await asyncio.to_thread(manager.status_json, request[PRINCIPAL].allows)})
 
 
 @routes.post("/api/deployments/deploy")
@@ -66,6 +65,8 @@ async def deploy(request: web.Request) -> web.StreamResponse:
     started = time.monotonic()
     # The deploy is the manager's: a client that goes away does not leave half a deployment.
     task = asyncio.ensure_future(manager.deploy(body.name, body.folder, events.put_nowait))
+    # Its error is the client's; one that went away (or was cancelled) must not leave it unretrieved.
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def done_event() -> dict:
         dep = task.result()
@@ -73,7 +74,7 @@ async def deploy(request: web.Request) -> web.StreamResponse:
 
     if not body.stream:
         await asyncio.shield(task)
-        return web.json_response(done_event())
+        return json_response(done_event())
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
     heartbeat = heartbeat_interval()
@@ -88,7 +89,7 @@ async def deploy(request: web.Request) -> web.StreamResponse:
         batch = [getter.result()]
         while not events.empty():  # copy_files throttles its own events: pass them all on
             batch.append(events.get_nowait())
-        await response.write(b"".join((json.dumps({"event": "progress", **e}) + "\n").encode() for e in batch))
+        await response.write(b"".join((dumps({"event": "progress", **e}) + "\n").encode() for e in batch))
     return await end_progress(response, done_event)
 
 
@@ -96,7 +97,7 @@ async def deploy(request: web.Request) -> web.StreamResponse:
 async def undeploy(request: web.Request) -> web.Response:
     request[PRINCIPAL].require_admin()
     body = parse(UndeployRequest, await read_json(request))
-    return web.json_response(await manager_of(request).undeploy(body.name))
+    return json_response(await manager_of(request).undeploy(body.name))
 
 
 @routes.get("/api/deployments/{name}/logs")
@@ -141,11 +142,14 @@ async def use_model(request: web.Request) -> web.Response:
     lease = Lease(client=dep.lease_client, name=f"deployment {dep.name} v{dep.version}", pid=pid, pid_started=started)
     keep_alive = parse_duration(body.keep_alive) if body.keep_alive is not None else None
     model, attached = await manager.registry.load(spec, lease, keep_alive)
-    return web.json_response(
+    return json_response(
         {"model": model.status_json(manager.registry.budget_kind), "attached": attached, "lease": lease.to_json()}
     )
 
 
 async def stop_all(app: web.Application) -> None:
-    """Host shutdown: every deployment's cleanup() runs, then its worker ends."""
+    """Host shutdown: deploys in progress are cancelled, every deployment's cleanup() runs, its worker ends.
+
+    Within the bound that ``serve`` set through ``DeploymentManager.stopping``.
+    """
     await app["deployments"].shutdown()
