@@ -6,6 +6,7 @@ server extension agree on names and units.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -61,6 +62,8 @@ def parse_duration(text: str | int | float | None) -> float | None:
     if text is None:
         return None
     if isinstance(text, (int, float)):
+        if not math.isfinite(text):  # NaN would compare false with everything, and reach clients as non-JSON
+            raise InvalidRequest(f"a duration must be a finite number of seconds (-1: forever), not {text}")
         return float(text)
     match = re.fullmatch(r"\s*(-?[0-9]*\.?[0-9]+)\s*(ms|s|m|h|)\s*", str(text))
     if not match:
@@ -91,6 +94,23 @@ class Settings:
     worker_grace: float = 5.0
     lease_check_interval: float = 2.0
     catalog_file: Path | None = None
+    #: A request (/v1, /v2) that names a catalog model nobody loaded loads it, as Ollama does.
+    load_on_request: bool = True
+    #: A deploy's file copies: at most this many bytes in all (``LLM_NB_MAX_DOWNLOAD``), so an
+    #: endless source (``/dev/zero``, a runaway server) fails instead of filling the disk.
+    max_download: int = 200 * 1024**3
+    #: Seconds a copy may go without a byte before it fails (``LLM_NB_COPY_STALL``; 0 or -1: never).
+    copy_stall: float = 60.0
+    #: Free bytes a copy leaves on the disk it writes to (``LLM_NB_MIN_FREE_DISK``).
+    min_free_disk: int = 1024**3
+    #: Seconds a connection may sit without a whole request (idle between requests, or sending
+    #: its headers a line at a time) before it is closed (``LLM_NB_IDLE_TIMEOUT``).
+    idle_timeout: float = 20.0  # longer than aiohttp clients keep an idle connection (15 s): they close first
+    #: Seconds a request body may go without a byte before the request fails (``LLM_NB_BODY_TIMEOUT``).
+    body_timeout: float = 30.0
+    #: Requests one client address may have open at once; more are a 503 (``LLM_NB_MAX_CONNECTIONS``).
+    #: Every local client shares 127.0.0.1, so this is sized for a busy machine, not one notebook.
+    max_connections: int = 256
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -105,7 +125,19 @@ class Settings:
             max_body_bytes=parse_size(_env("MAX_BODY", str(8 * 1024 * 1024))),
             worker_grace=float(_env("WORKER_GRACE", "5")),
             catalog_file=user_catalog_file(),
+            idle_timeout=parse_duration(_env("IDLE_TIMEOUT", "20")),
+            body_timeout=parse_duration(_env("BODY_TIMEOUT", "30")),
+            max_connections=int(_env("MAX_CONNECTIONS", "256")),
+            load_on_request=_env("LOAD_ON_REQUEST", "1").strip().lower() not in ("0", "false", "no", "off"),
+            max_download=parse_size(_env("MAX_DOWNLOAD", "200GiB")),
+            copy_stall=parse_duration(_env("COPY_STALL", "60")),
+            min_free_disk=parse_size(_env("MIN_FREE_DISK", "1GiB")),
         )
+
+
+#: Sent by llm-nb's own clients, which load with a lease and must hear that a model is gone
+#: (force-unloaded, lost with a host): their requests never load a model on first use.
+LOAD_ON_REQUEST_HEADER = "X-LLM-NB-Load-On-Request"
 
 
 # --- streams to the host: heartbeats and the read timeout that relies on them ------------------

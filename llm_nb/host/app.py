@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import logging
 import os
 import secrets
@@ -12,6 +13,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -20,16 +22,22 @@ from aiohttp import web
 from .._version import __version__
 from ..config import Settings, host_log_level, parse_duration, parse_size
 from ..connection import connection_path, live_host, pid_alive, remove_if_ours, write_connection
-from . import admin_api, kserve_api, memory, openai_api, openapi
+from . import admin_api, kserve_api, memory, openai_api, openapi, responses_api
 from .deployments import DeploymentManager, LiveDeployments, stop_all
 from .deployments import routes as deployment_routes
-from .http import error_middleware, make_auth_middleware
+from .http import error_middleware, make_auth_middleware, make_connection_limit
 from .registry import Registry
 from .tokens import TokenIssuer
 from .tokens import routes as token_routes
 
 log = logging.getLogger("llm_nb.host")
-SHUTDOWN_GRACE_S = 10.0
+# A stop (SIGTERM, SIGINT, `llm-nb stop`, the parent gone) lets requests in flight finish for
+# SHUTDOWN_GRACE_S, cancels what is left, and the process is gone within STOP_BOUND_S whatever
+# is in flight: past the bound it is ended (see _HardStop).
+SHUTDOWN_GRACE_S = 6.0
+LINGER_S = 0.5
+STOP_BOUND_S = 10.0
+STOP_MARGIN_S = 2.0  # the orderly stop aims to be done this long before the bound
 
 
 def create_app(settings: Settings, key: str, runtime: Path, info: dict) -> web.Application:
@@ -40,7 +48,11 @@ def create_app(settings: Settings, key: str, runtime: Path, info: dict) -> web.A
     tokens = TokenIssuer(deployment_alive=live.is_live)
     registry = Registry(settings, runtime, other_costs=live.memory_costs)
     app = web.Application(
-        middlewares=[error_middleware, make_auth_middleware(key, tokens.verify)],
+        middlewares=[
+            error_middleware,
+            make_connection_limit(settings.max_connections),
+            make_auth_middleware(key, tokens.verify),
+        ],
         client_max_size=settings.max_body_bytes,
     )
     app["settings"] = settings
@@ -52,6 +64,7 @@ def create_app(settings: Settings, key: str, runtime: Path, info: dict) -> web.A
     app.on_cleanup.append(stop_all)
     app.add_routes(admin_api.routes)
     app.add_routes(openai_api.routes)
+    app.add_routes(responses_api.routes)
     app.add_routes(token_routes)
     app.add_routes(deployment_routes)
     app.add_routes(openapi.routes)
@@ -110,7 +123,20 @@ async def serve(settings: Settings, parent_pid: int | None = None) -> int:
     app = create_app(settings, key, runtime, info)
     registry: Registry = app["registry"]
     # handler_cancellation: a client that goes away cancels its request, and so its generation.
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_GRACE_S, access_log=None)
+    # keepalive_timeout also bounds a connection that has not sent a whole request yet (aiohttp
+    # closes it if its handler is still waiting): idle sockets and slow headers both end.
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        # At a stop aiohttp waits this long for handlers, as long again after telling them to
+        # stop, and only then cancels them: half the grace each.
+        shutdown_timeout=SHUTDOWN_GRACE_S / 2,
+        access_log=None,
+        keepalive_timeout=settings.idle_timeout,
+        # After an answer that did not read the whole body (a 401 before an upload), read and drop
+        # the rest only this long, so the client sees the answer before the connection closes.
+        lingering_time=LINGER_S,
+    )
     await runner.setup()
     site = web.SockSite(runner, sock)
     await site.start()
@@ -120,21 +146,99 @@ async def serve(settings: Settings, parent_pid: int | None = None) -> int:
 
     stop = app["stop_event"]
     loop = asyncio.get_running_loop()
+    hard_stop = _HardStop(conn_file, runtime)
+
+    def on_signal(signum: int, frame: object) -> None:
+        # A plain handler rather than the loop's: it arms the bound even if the loop is stuck.
+        hard_stop.arm()
+        loop.call_soon_threadsafe(stop.set)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        signal.signal(sig, on_signal)
+    # Whichever thread the kernel hands the signal to, a byte here wakes the loop so that the
+    # handler runs at once (as loop.add_signal_handler would arrange).
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    loop.add_reader(wake_r.fileno(), wake_r.recv, 512)
     parent_watch = asyncio.create_task(_stop_with_parent(parent_pid, stop)) if parent_pid else None
     try:
         await stop.wait()
     finally:
+        deadline = hard_stop.arm() - STOP_MARGIN_S
         if parent_watch is not None:
             parent_watch.cancel()
-        log.info("stopping: letting requests in flight finish (up to %.0f s)", SHUTDOWN_GRACE_S)
+        log.info(
+            "stopping: letting requests in flight finish (up to %.0f s); gone within %.0f s",
+            SHUTDOWN_GRACE_S,
+            STOP_BOUND_S,
+        )
         remove_if_ours(conn_file, os.getpid())  # new clients must not find a host that is going
+        app["deployments"].stopping(deadline)  # deploys in progress are cancelled now, copies stop
         await runner.cleanup()  # stops listening, waits for handlers, then cancels the rest
-        await registry.shutdown()
+        try:
+            await asyncio.wait_for(registry.shutdown(), max(0.5, deadline - time.monotonic()))
+        except TimeoutError:
+            log.warning("models did not unload within the stop bound: their workers are killed")
+        _kill_children()
         _remove_sockets(runtime)
+        loop.remove_reader(wake_r.fileno())
+        signal.set_wakeup_fd(-1)
+        wake_r.close()
+        wake_w.close()
         log.info("stopped")
     return 0
+
+
+class _HardStop:
+    """The last resort behind ``STOP_BOUND_S``: a daemon timer that ends the process however stuck it is.
+
+    A thread blocked in a read cannot be interrupted, and an exiting interpreter waits for its
+    executor's threads; so once the bound has passed, the connection file goes, the workers are
+    killed and the process exits without waiting for anything.
+    """
+
+    def __init__(self, conn_file: Path, runtime: Path) -> None:
+        self.conn_file = conn_file
+        self.runtime = runtime
+        self.deadline: float | None = None
+
+    def arm(self) -> float:
+        """Start the timer (once); returns when the bound ends (monotonic)."""
+        if self.deadline is None:
+            self.deadline = time.monotonic() + STOP_BOUND_S
+            timer = threading.Timer(STOP_BOUND_S - 0.5, self.fire)
+            timer.daemon = True
+            timer.start()
+        return self.deadline
+
+    def fire(self) -> None:
+        try:
+            log.error("the host did not stop within %.0f s: ending it now; where it was stuck:", STOP_BOUND_S)
+            faulthandler.dump_traceback(sys.stderr, all_threads=True)
+            remove_if_ours(self.conn_file, os.getpid())
+            _kill_children()
+            _remove_sockets(self.runtime)
+            for handler in [*logging.getLogger("llm_nb").handlers, *logging.getLogger().handlers]:
+                handler.flush()
+        finally:
+            os._exit(1)
+
+
+def _kill_children() -> None:
+    """Workers that did not end in time (and anything they started) must not outlive the host."""
+    import psutil
+
+    try:
+        children = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return
+    for child in children:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
 
 
 async def _stop_with_parent(parent_pid: int, stop: asyncio.Event) -> None:
