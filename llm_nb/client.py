@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .catalog import catalog_entries, user_path
 from .config import DEFAULT_MODEL, client_name
 from .connection import connection_path
 from .errors import HostUnavailable, LlmNbError
@@ -97,8 +98,23 @@ def _stream_body(body: dict) -> dict:
     return dict(body, stream=True, stream_options={"include_usage": True})
 
 
+def _caller_path(model: str) -> str:
+    """A relative path that exists here, made absolute: the host's working directory is not the caller's."""
+    path = user_path(model)
+    if path.is_absolute() or not path.exists():
+        return model
+    try:
+        if model in catalog_entries():  # an alias wins, on the host too
+            return model
+    except LlmNbError:  # a broken catalog: the host says so on load
+        pass
+    return str(path.resolve())
+
+
 def _load_body(model, identity, **fields) -> dict:
-    body = {"model": _model(model), "client": identity}
+    model = _model(model)
+    # A remote model's MODEL is its name here, never a path.
+    body = {"model": model if fields.get("backend") == "remote" else _caller_path(model), "client": identity}
     body.update({k: v for k, v in fields.items() if v is not None})
     key_env = body.get("api_key_env")
     if key_env and os.environ.get(key_env):

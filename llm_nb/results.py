@@ -116,7 +116,7 @@ class Status(dict):
         """A fixed-width table, as ``llm-nb ps`` prints it."""
         rows = [("NAME", "BACKEND", "DEVICE", "STATE", "MEMORY", "HELD BY", "IN FLIGHT", "SERVED", "UNTIL")]
         for m in self.get("models", []):
-            holders = ", ".join(lease["name"] for lease in m["leases"]) or "-"
+            holders = ", ".join(lease["name"] for lease in m.get("leases") or []) or "-"  # a token sees none
             rows.append(
                 (
                     m["name"],
@@ -145,7 +145,7 @@ class Status(dict):
     def to_markdown(self) -> str:
         rows = ["| model | backend | device | state | memory | held by | in flight | until |", "|---" * 8 + "|"]
         for m in self.get("models", []):
-            holders = ", ".join(_md_cell(lease["name"]) for lease in m["leases"]) or "—"
+            holders = ", ".join(_md_cell(lease["name"]) for lease in m.get("leases") or []) or "—"
             rows.append(
                 f"| {_md_cell(m['name'])} | {m['backend']} | {m.get('device') or '—'} | {m['state']} | "
                 f"{format_bytes(m['memory_bytes'])} | {holders} | {m['in_flight']} | {_until(m, '—')} |"

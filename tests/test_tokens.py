@@ -10,6 +10,7 @@ import pytest
 import requests
 
 from llm_nb import consume
+from llm_nb.catalog import smollm2_path
 from llm_nb.errors import AuthenticationError
 
 from .conftest import start_host
@@ -62,6 +63,25 @@ def test_a_token_opens_only_the_names_in_its_scope(deployed):
     narrow = host.client().session_token("echo")["token"]
     refused = requests.post(f"{host.url}/v1/chat/completions", json=chat, headers=bearer(narrow), timeout=30)
     assert refused.status_code == 403 and "smollm2" in refused.json()["error"]["message"]
+
+
+def test_a_token_sees_its_models_in_status_and_catalog_but_not_the_host(deployed):
+    host = deployed
+    for scope in (["smollm2"], ["*"]):
+        token = host.client().session_token(scope)["token"]
+        status = requests.get(f"{host.url}/api/status", headers=bearer(token), timeout=30).json()
+        assert [m["name"] for m in status["models"]] == ["smollm2"]
+        assert not {"pid", "url", "budget_bytes", "used_bytes"} & set(status), status
+        assert not {"path", "log_file", "worker_pid", "leases", "info"} & set(status["models"][0])
+        catalog = requests.get(f"{host.url}/api/catalog", headers=bearer(token), timeout=30).json()["models"]
+        assert list(catalog) == ["smollm2"] and "path" not in catalog["smollm2"]
+        assert smollm2_path() not in json.dumps([status, catalog])
+    narrow = host.client().session_token("echo")["token"]
+    assert requests.get(f"{host.url}/api/status", headers=bearer(narrow), timeout=30).json()["models"] == []
+    assert requests.get(f"{host.url}/api/catalog", headers=bearer(narrow), timeout=30).json()["models"] == {}
+    # The host key still sees everything.
+    whole = host.client().status()
+    assert whole["pid"] == host.process.pid and whole["models"][0]["path"] == smollm2_path()
 
 
 def test_tokens_open_no_admin_route_and_cannot_mint_tokens(deployed, tmp_path):

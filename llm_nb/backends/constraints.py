@@ -63,6 +63,10 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum())
 
 
+#: The logprob of a token that cannot come (masked, or -inf), as OpenAI reports it.
+FLOOR_LOGPROB = -9999.0
+
+
 def logprob_entry(logprobs: np.ndarray, token: int, top: int, piece: Callable[[int], bytes]) -> dict:
     """One generated token's entry, OpenAI's shape: its logprob and the ``top`` most likely alternatives."""
 
@@ -70,14 +74,15 @@ def logprob_entry(logprobs: np.ndarray, token: int, top: int, piece: Callable[[i
         raw = piece(int(token_id))
         return {
             "token": raw.decode("utf-8", errors="replace"),
-            "logprob": float(logprobs[token_id]),
+            # A token the grammar forbids has -inf, which is not JSON: OpenAI writes -9999.0.
+            "logprob": max(float(logprobs[token_id]), FLOOR_LOGPROB),
             "bytes": list(raw),
         }
 
     entry = item(token)
-    top = max(0, min(int(top), MAX_TOP_LOGPROBS))
+    top = max(0, min(int(top), MAX_TOP_LOGPROBS, len(logprobs)))
     if top:
-        best = np.argpartition(-logprobs, top)[:top]
+        best = np.argpartition(-logprobs, top - 1)[:top]
         best = best[np.argsort(-logprobs[best], kind="stable")]
         entry["top_logprobs"] = [item(int(t)) for t in best]
     else:

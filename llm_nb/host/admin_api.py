@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 from aiohttp import web
@@ -12,7 +11,7 @@ from .._version import __version__
 from ..catalog import catalog_entries, resolve
 from ..config import heartbeat_interval, parse_duration
 from ..errors import InvalidRequest, ModelNotFound
-from .http import PRINCIPAL, end_progress, read_json
+from .http import PRINCIPAL, dumps, end_progress, json_response, read_json
 from .loaded import Lease
 from .registry import Registry
 from .schemas import LoadRequest, UnloadRequest, parse
@@ -25,12 +24,36 @@ def registry_of(request: web.Request) -> Registry:
     return request.app["registry"]
 
 
+#: What a session token sees of a model it is scoped to: its state and use, not the host's
+#: files or processes (paths, logs, pids).
+_SCOPED_MODEL_FIELDS = (
+    "name",
+    "backend",
+    "device",
+    "state",
+    "memory_bytes",
+    "in_flight",
+    "waiting",
+    "requests_served",
+    "loaded_at",
+    "last_used",
+    "keep_alive",
+    "expires_at",
+    "task",
+)
+
+
 def status_json(request: web.Request) -> dict:
     app = request.app
     status = registry_of(request).status_json()
     principal = request[PRINCIPAL]
-    if principal.scope is not None:
-        status["models"] = [m for m in status["models"] if principal.allows(m["name"])]
+    if principal.kind != "key":
+        # A session token opens the models it names, not the host: no budget, pid, url or paths.
+        models = [m for m in status["models"] if principal.allows(m["name"])]
+        return {
+            "models": [{k: m.get(k) for k in _SCOPED_MODEL_FIELDS} for m in models],
+            "version": __version__,
+        }
     status.update(
         pid=app["info"]["pid"],
         version=__version__,
@@ -43,12 +66,12 @@ def status_json(request: web.Request) -> dict:
 
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "version": __version__, "pid": request.app["info"]["pid"]})
+    return json_response({"status": "ok", "version": __version__, "pid": request.app["info"]["pid"]})
 
 
 @routes.get("/api/status")
 async def status(request: web.Request) -> web.Response:
-    return web.json_response(status_json(request))
+    return json_response(status_json(request))
 
 
 @routes.get("/api/events")
@@ -62,7 +85,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     while not stop.is_set():  # a host that is stopping ends the stream, so shutdown need not wait for it
         if version != registry.version:
             version = registry.version
-            await response.write(f"event: status\ndata: {json.dumps(status_json(request))}\n\n".encode())
+            await response.write(f"event: status\ndata: {dumps(status_json(request))}\n\n".encode())
         else:
             await response.write(b": keep-alive\n\n")
         changed = asyncio.ensure_future(registry.wait_change(version, timeout=heartbeat_interval()))
@@ -76,7 +99,15 @@ async def events(request: web.Request) -> web.StreamResponse:
 
 @routes.get("/api/catalog")
 async def catalog(request: web.Request) -> web.Response:
-    return web.json_response({"models": catalog_entries(request.app["settings"].catalog_file)})
+    entries = await asyncio.to_thread(catalog_entries, request.app["settings"].catalog_file)
+    principal = request[PRINCIPAL]
+    if principal.kind != "key":  # the aliases a token names, without their file paths
+        entries = {
+            name: {k: v for k, v in entry.items() if k in ("backend", "description", "task")}
+            for name, entry in entries.items()
+            if principal.allows(name)
+        }
+    return json_response({"models": entries})
 
 
 def _lease(request: web.Request, client) -> Lease:
@@ -121,7 +152,7 @@ async def load(request: web.Request) -> web.StreamResponse:
 
     if not body.stream:
         await asyncio.shield(task)
-        return web.json_response(result())
+        return json_response(result())
 
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
@@ -131,7 +162,7 @@ async def load(request: web.Request) -> web.StreamResponse:
         model = registry.models.get(spec.name)
         if not task.done() and model is not None and model.state == "loading":
             event = {"event": "progress", **(model.progress or {}), "elapsed": time.monotonic() - started}
-            await response.write((json.dumps(event) + "\n").encode())
+            await response.write((dumps(event) + "\n").encode())
             written = time.monotonic()
         elif time.monotonic() - written >= heartbeat:  # waiting (for memory, for another load): say so
             await response.write(b"\n")
@@ -148,10 +179,10 @@ async def unload(request: web.Request) -> web.Response:
     if body.all:
         names = [name for name, m in registry.models.items() if body.force or client in m.leases]
         results = [await registry.unload(name, client, body.force) for name in names]
-        return web.json_response({"results": results})
+        return json_response({"results": results})
     if not body.model:
         raise InvalidRequest('name the model to unload, or pass "all": true')
-    return web.json_response(await registry.unload(body.model, client, body.force))
+    return json_response(await registry.unload(body.model, client, body.force))
 
 
 @routes.get("/api/models/{name:.+}/logs")
@@ -182,4 +213,4 @@ async def logs(request: web.Request) -> web.Response:
 async def shutdown(request: web.Request) -> web.Response:
     request[PRINCIPAL].require_admin()
     request.app["stop_event"].set()
-    return web.json_response({"stopping": True, "pid": request.app["info"]["pid"]})
+    return json_response({"stopping": True, "pid": request.app["info"]["pid"]})

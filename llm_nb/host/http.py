@@ -12,46 +12,112 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
+from ..config import LOAD_ON_REQUEST_HEADER
 from ..errors import AuthenticationError, InvalidRequest, LlmNbError, PermissionDenied, RequestTooLarge
 
 log = logging.getLogger("llm_nb.host")
 
 _ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
 
-#: Routes anyone on the machine may call: liveness only, nothing about models.
-PUBLIC_PATHS = frozenset({"/health", "/v2/health/live"})
+#: Routes anyone on the machine may call: liveness and readiness (cluster probes send
+#: no key), nothing about models.
+PUBLIC_PATHS = frozenset({"/health", "/v2/health/live", "/v2/health/ready"})
+#: Where errors take KServe v2's shape: ``{"error": "<message>"}``.
+V2_PREFIX = "/v2"
 
 
-def error_response(exc: LlmNbError) -> web.Response:
-    headers = {}
+def error_response(exc: LlmNbError, path: str = "") -> web.Response:
+    headers = {"X-LLM-NB-Error-Code": exc.code}
     retry_after = exc.details.get("retry_after")
     if retry_after is not None:
         headers["Retry-After"] = str(int(retry_after))
     if exc.status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="llm-nb"'
-    return web.json_response(exc.to_json(), status=exc.status, headers=headers)
+    if path == V2_PREFIX or path.startswith(V2_PREFIX + "/"):
+        # The Open Inference Protocol's error is a string; v2 clients format it into their
+        # exception. Our stable code rides beside it, where those clients do not look.
+        body = {"error": exc.message, "code": exc.code}
+        return json_response(body, status=exc.status, headers=headers)
+    return json_response(exc.to_json(), status=exc.status, headers=headers)
+
+
+def _refuse_constant(name: str):
+    raise InvalidRequest(f"the request body has {name}, which is not JSON; send a finite number (or null)")
+
+
+def loads(raw: bytes | str):
+    """JSON as RFC 8259 has it: ``NaN`` and ``Infinity`` (which Python's parser takes) are a 400."""
+    return json.loads(raw, parse_constant=_refuse_constant)
+
+
+def dumps(data, **kwargs) -> str:
+    """JSON that every client parses: a NaN or infinity raises here instead of reaching a strict parser."""
+    return json.dumps(data, allow_nan=False, **kwargs)
+
+
+def json_response(data, **kwargs) -> web.Response:
+    """``web.json_response`` through ``dumps``: what the host answers is always JSON."""
+    try:
+        return web.json_response(data, dumps=dumps, **kwargs)
+    except ValueError as exc:  # NaN or infinity, from a deployment's predict or a remote's answer
+        raise LlmNbError(
+            f"the answer holds a number JSON cannot carry (NaN or infinity): {exc}", code="invalid_output", status=502
+        ) from None
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, up to the host's limit (413), failing (408) if it stops arriving.
+
+    A body shorter than its ``Content-Length`` would otherwise hold its handler forever.
+    """
+    settings = request.app["settings"]
+    limit = settings.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestTooLarge(f"the request body is larger than this host's limit of {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            chunk = await asyncio.wait_for(request.content.readany(), settings.body_timeout)
+        except TimeoutError:
+            raise LlmNbError(
+                f"the request body stopped arriving: nothing for {settings.body_timeout:.0f} s ({size} bytes read)",
+                code="request_timeout",
+                status=408,
+            ) from None
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLarge(f"the request body is larger than this host's limit of {limit} bytes")
+        chunks.append(chunk)
 
 
 async def read_json(request: web.Request):
-    """The body as JSON, or a 400/413 that says what is wrong with it."""
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise RequestTooLarge(
-            f"the request body is larger than this host's limit of {request.app['settings'].max_body_bytes} bytes"
-        ) from exc
+    """The body as JSON, or a 400/408/413 that says what is wrong with it."""
+    raw = await read_body(request)
     if not raw:
         raise InvalidRequest("the request has no body; send a JSON object")
+    return parse_json(raw)
+
+
+def parse_json(raw: bytes, what: str = "the request body"):
+    """``raw`` as strict JSON, or a 400 that says what is wrong with ``what``."""
     try:
-        body = json.loads(raw)
+        body = loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+        raise InvalidRequest(f"{what} is not valid JSON: {exc}") from None
     if _ESCAPED_SURROGATE.search(raw):  # a lone "\ud800" decodes, then breaks every encoder after
         try:
             json.dumps(body, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
-            raise InvalidRequest("the request body has an unpaired UTF-16 surrogate escape (like \\ud800)") from None
+            raise InvalidRequest(f"{what} has an unpaired UTF-16 surrogate escape (like \\ud800)") from None
     return body
+
+
+def may_load(request: web.Request) -> bool:
+    """Whether this request may load the model it names on first use (llm-nb's own clients say no)."""
+    return request.headers.get(LOAD_ON_REQUEST_HEADER, "1").strip() != "0"
 
 
 class Principal:
@@ -105,14 +171,51 @@ def make_auth_middleware(key: str, token_verifier: Callable[[str], Principal | N
     return auth
 
 
+def make_connection_limit(max_per_address: int):
+    """At most ``max_per_address`` requests open at once from one address; more are a 503 at once.
+
+    Checked before the key, so a flood without one is capped too.
+    """
+    open_requests: dict[str, int] = {}
+
+    @web.middleware
+    async def limit(request: web.Request, handler):
+        address = request.remote or "?"
+        if open_requests.get(address, 0) >= max_per_address:
+            raise LlmNbError(
+                f"{address} has {max_per_address} requests open on this host already; retry when some end",
+                code="too_many_connections",
+                status=503,
+                retry_after=1,
+            )
+        open_requests[address] = open_requests.get(address, 0) + 1
+        try:
+            return await handler(request)
+        finally:
+            open_requests[address] -= 1
+            if not open_requests[address]:
+                del open_requests[address]
+
+    return limit
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler):
+    response = await _answer_errors(request, handler)
+    if response.status >= 400 and not request.content.is_eof():
+        # A refused request (no key, too large, ...) whose body was not read: the connection
+        # closes after the answer (and a short linger, see app.LINGER_S), never reused.
+        response.force_close()
+    return response
+
+
+async def _answer_errors(request: web.Request, handler):
     try:
         return await handler(request)
     except LlmNbError as exc:
-        return error_response(exc)
+        return error_response(exc, request.path)
     except web.HTTPRequestEntityTooLarge:
-        return error_response(RequestTooLarge("the request body is larger than this host's limit"))
+        return error_response(RequestTooLarge("the request body is larger than this host's limit"), request.path)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -121,14 +224,14 @@ async def error_middleware(request: web.Request, handler):
             404: f"no route {request.method} {request.path}",
             405: f"{request.method} is not allowed on {request.path}",
         }.get(exc.status, exc.reason)
-        return error_response(LlmNbError(message, code=code, status=exc.status))
+        return error_response(LlmNbError(message, code=code, status=exc.status), request.path)
     except asyncio.CancelledError:
         raise
     except (ConnectionResetError, BrokenPipeError):
         raise  # the client went away: nothing to answer
     except Exception as exc:  # the host survives every bad request
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(LlmNbError(f"internal error: {type(exc).__name__}: {exc}"))
+        return error_response(LlmNbError(f"internal error: {type(exc).__name__}: {exc}"), request.path)
 
 
 async def end_progress(response: web.StreamResponse, result: Callable[[], dict]) -> web.StreamResponse:
@@ -137,8 +240,17 @@ async def end_progress(response: web.StreamResponse, result: Callable[[], dict])
         event = {"event": "done", **result()}
     except LlmNbError as exc:
         event = {"event": "error", **exc.to_json(), "status": exc.status}
-    await response.write((json.dumps(event) + "\n").encode())
+    await response.write((dumps(event) + "\n").encode())
     await response.write_eof()
+    return response
+
+
+async def start_event_stream(request: web.Request) -> web.StreamResponse:
+    """A prepared server-sent-events response: no caching, no proxy buffering."""
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+    await response.prepare(request)
     return response
 
 

@@ -6,10 +6,14 @@ tools such as schemathesis can fuzz every route from it.
 
 from __future__ import annotations
 
+import re
+
 from aiohttp import web
 from pydantic import BaseModel
 
 from .. import __version__
+from .http import PUBLIC_PATHS, json_response
+from .responses_schema import ResponsesRequest
 from .schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -36,6 +40,12 @@ _ERROR = {
             "properties": {"message": {"type": "string"}, "type": {"type": "string"}, "code": {"type": "string"}},
         }
     },
+}
+#: KServe v2's error: the message as a string (our stable code beside it).
+_V2_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "string"}, "code": {"type": "string"}},
 }
 _ANY_OBJECT = {"type": "object"}
 
@@ -66,23 +76,56 @@ ROUTES: list[tuple[str, str, type[BaseModel] | None, str, tuple[int, ...], str]]
     ),
     (
         "post",
+        "/v1/responses",
+        ResponsesRequest,
+        "application/json",
+        (400, 401, 403, 404, 413, 422, 429, 502, 503),
+        "OpenAI Responses (no stored responses: send the conversation in input)",
+    ),
+    (
+        "post",
         "/v1/embeddings",
         EmbeddingRequest,
         "application/json",
         (400, 401, 404, 413, 429, 503),
         "OpenAI embeddings",
     ),
-    ("get", "/v2/health/live", None, "application/json", (), "KServe v2: liveness"),
-    ("get", "/v2/health/ready", None, "application/json", (401, 503), "KServe v2: every model ready"),
-    ("get", "/v2/models/{name}", None, "application/json", (401, 404), "KServe v2: model metadata"),
-    ("get", "/v2/models/{name}/ready", None, "application/json", (401, 404, 503), "KServe v2: model readiness"),
+    ("get", "/v2", None, "application/json", (401,), "KServe v2: server metadata and extensions"),
+    ("get", "/v2/health/live", None, "application/json", (), "KServe v2: liveness; needs no key"),
+    ("get", "/v2/health/ready", None, "application/json", (503,), "KServe v2: every model ready; needs no key"),
+    ("get", "/v2/models/{name}", None, "application/json", (401, 403, 404), "KServe v2: model metadata"),
+    (
+        "get",
+        "/v2/models/{name}/versions/{version}",
+        None,
+        "application/json",
+        (401, 403, 404),
+        "KServe v2: model metadata (version 1)",
+    ),
+    ("get", "/v2/models/{name}/ready", None, "application/json", (401, 403, 404, 503), "KServe v2: model readiness"),
+    (
+        "get",
+        "/v2/models/{name}/versions/{version}/ready",
+        None,
+        "application/json",
+        (401, 403, 404, 503),
+        "KServe v2: model readiness (version 1)",
+    ),
     (
         "post",
         "/v2/models/{name}/infer",
         InferRequest,
         "application/json",
-        (400, 401, 404, 413, 429, 503),
-        "KServe v2: infer",
+        (400, 401, 403, 404, 413, 429, 502, 503),
+        "KServe v2: infer; binary tensor data when Inference-Header-Content-Length is set",
+    ),
+    (
+        "post",
+        "/v2/models/{name}/versions/{version}/infer",
+        InferRequest,
+        "application/json",
+        (400, 401, 403, 404, 413, 429, 502, 503),
+        "KServe v2: infer (version 1)",
     ),
     ("get", "/api/models/{name}/logs", None, "text/plain", (401, 404), "a model worker's log"),
     ("get", "/openapi.json", None, "application/json", (401,), "this document"),
@@ -131,7 +174,7 @@ SAME_AS = {"/models/{name}": "/models/{name}/"}
 
 
 def build_openapi(extra_routes: list | None = None) -> dict:
-    components: dict = {"Error": _ERROR}
+    components: dict = {"Error": _ERROR, "V2Error": _V2_ERROR}
     paths: dict = {}
     for method, path, model, media, errors, summary in ROUTES + list(extra_routes or []):
         operation: dict = {
@@ -139,10 +182,11 @@ def build_openapi(extra_routes: list | None = None) -> dict:
             "operationId": f"{method}_{path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}",
             "responses": {"200": {"description": "success", "content": {media: {"schema": _ANY_OBJECT}}}},
         }
+        error_schema = "V2Error" if path == "/v2" or path.startswith("/v2/") else "Error"
         for status in errors:
             operation["responses"][str(status)] = {
                 "description": "error",
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{error_schema}"}}},
             }
         if model is not None:
             schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -152,9 +196,11 @@ def build_openapi(extra_routes: list | None = None) -> dict:
                 "required": True,
                 "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
             }
-        if "{name}" in path:
-            operation["parameters"] = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
-        if path not in ("/health", "/v2/health/live"):
+        if names := re.findall(r"\{(\w+)\}", path):
+            operation["parameters"] = [
+                {"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in names
+            ]
+        if path not in PUBLIC_PATHS:
             operation["security"] = [{"bearer": []}]
         paths.setdefault(path, {})[method] = operation
     return {
@@ -167,4 +213,4 @@ def build_openapi(extra_routes: list | None = None) -> dict:
 
 @routes.get("/openapi.json")
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(build_openapi(request.app.get("openapi_routes")))
+    return json_response(build_openapi(request.app.get("openapi_routes")))

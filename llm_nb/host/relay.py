@@ -14,6 +14,7 @@ import json
 from aiohttp import web
 
 from ..errors import LlmNbError
+from .http import dumps, json_response, start_event_stream
 from .loaded import LoadedModel
 from .remote import RemoteEngine
 
@@ -39,23 +40,29 @@ async def relay(request: web.Request, model: LoadedModel, parsed) -> web.StreamR
                 if isinstance(answer, dict):
                     answer["model"] = model.spec.name
                 model.requests_served += 1
-                return web.json_response(answer)
-            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-            await response.prepare(request)
+                return json_response(answer)
+            response = await start_event_stream(request)
+            counted = False
             try:
                 async for line in remote.content:
                     if not line.startswith(b"data:"):
                         continue
                     data = line[5:].strip()
+                    if data == b"[DONE]" and not counted:
+                        # Counted before the client can see the end: the remote may hold
+                        # its connection open a while after [DONE].
+                        model.requests_served += 1
+                        counted = True
                     if data.startswith(b"{"):
                         chunk = json.loads(data)
                         if isinstance(chunk, dict) and "model" in chunk:
                             chunk["model"] = model.spec.name
-                        data = json.dumps(chunk, ensure_ascii=False).encode()
+                        data = dumps(chunk, ensure_ascii=False).encode()
                     await response.write(b"data: " + data + b"\n\n")
             except LlmNbError as exc:  # the remote died mid-stream: say so in-band
                 await response.write(b"data: " + json.dumps(exc.to_json()).encode() + b"\n\n")
-            model.requests_served += 1
+            if not counted:
+                model.requests_served += 1
             model.touch()
             await response.write_eof()
             return response

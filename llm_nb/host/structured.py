@@ -205,10 +205,14 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
+def _not_json(name: str):
+    raise ValueError(f"{name} is not JSON")  # a call with NaN in it is text, not a call
+
+
 def _as_call(body: str, names: set[str]) -> dict | None:
     """``{"name", "arguments"}`` JSON as an OpenAI tool call, or None if it is not one."""
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_constant=_not_json)
     except ValueError:
         return None
     if not isinstance(data, dict) or data.get("name") not in names:
@@ -216,7 +220,7 @@ def _as_call(body: str, names: set[str]) -> dict | None:
     arguments = data.get("arguments", data.get("parameters", {}))
     if isinstance(arguments, str):  # some models write the arguments as a JSON string already
         try:
-            arguments = json.loads(arguments)
+            arguments = json.loads(arguments, parse_constant=_not_json)
         except ValueError:
             return None
     return {

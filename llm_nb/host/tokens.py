@@ -21,7 +21,7 @@ import jwt
 from aiohttp import web
 
 from ..errors import InvalidRequest
-from .http import PRINCIPAL, Principal, read_json
+from .http import PRINCIPAL, Principal, json_response, read_json
 from .schemas import TokenRequest, parse
 
 DEFAULT_TTL_S = 3600.0
@@ -116,4 +116,4 @@ async def token(request: web.Request) -> web.Response:
     request[PRINCIPAL].require_admin()
     body = parse(TokenRequest, await read_json(request))
     issuer: TokenIssuer = request.app["tokens"]
-    return web.json_response(issuer.issue(body.scope, body.ttl))
+    return json_response(issuer.issue(body.scope, body.ttl))
