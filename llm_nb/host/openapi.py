@@ -12,7 +12,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from .. import __version__
-from .http import PUBLIC_PATHS, json_response
+from .http import PUBLIC_PATHS, is_v2_path, json_response
 from .responses_schema import ResponsesRequest
 from .schemas import (
     ChatCompletionRequest,
@@ -182,7 +182,7 @@ def build_openapi(extra_routes: list | None = None) -> dict:
             "operationId": f"{method}_{path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}",
             "responses": {"200": {"description": "success", "content": {media: {"schema": _ANY_OBJECT}}}},
         }
-        error_schema = "V2Error" if path == "/v2" or path.startswith("/v2/") else "Error"
+        error_schema = "V2Error" if is_v2_path(path) else "Error"
         for status in errors:
             operation["responses"][str(status)] = {
                 "description": "error",
