@@ -55,7 +55,7 @@ def openai_request(request: dict, remote_model: str) -> tuple[str, dict]:
     return "completions", dict(body, prompt=request.get("prompt") or "")
 
 
-def _final(finish_reason: str | None, usage: dict | None) -> dict:
+def final_event(finish_reason: str | None, usage: dict | None) -> dict:
     """The last event of a generation; a remote that reports no usage leaves the token counts out."""
     final: dict[str, Any] = {"finish_reason": finish_reason}
     if usage:
@@ -264,7 +264,7 @@ class RemoteEngine:
         text = (choice.get("message") or {}).get("content") if "message" in choice else choice.get("text")
         if text:
             yield {"text": text}
-        yield _final(choice.get("finish_reason"), answer.get("usage"))
+        yield final_event(choice.get("finish_reason"), answer.get("usage"))
 
     async def _stream_events(self, remote: aiohttp.ClientResponse) -> AsyncIterator[dict]:
         finish_reason, usage = None, None
@@ -273,7 +273,7 @@ class RemoteEngine:
                 continue
             data = line[5:].strip()
             if data == b"[DONE]":
-                yield _final(finish_reason, usage)
+                yield final_event(finish_reason, usage)
                 return
             if not data.startswith(b"{"):
                 continue

@@ -34,6 +34,7 @@ from .http import HEARTBEAT, PRINCIPAL, dumps, json_response, may_load, read_jso
 from .loaded import LoadedModel
 from .openai_api import generation_events, registry_of
 from .relay import relayed
+from .remote import final_event
 from .responses_schema import ResponsesRequest
 from .schemas import ChatCompletionRequest, parse
 from .shaping import Choice
@@ -149,11 +150,8 @@ async def _relayed_steps(model: LoadedModel, chat: ChatCompletionRequest) -> Asy
                 "function": {"name": function.get("name", ""), "arguments": function.get("arguments") or "{}"},
             }
         }
-    final = {"finish_reason": choices[0].get("finish_reason")}
     usage = answer.get("usage")
-    if isinstance(usage, dict):
-        final.update(prompt_tokens=usage.get("prompt_tokens", 0), completion_tokens=usage.get("completion_tokens", 0))
-    yield final
+    yield final_event(choices[0].get("finish_reason"), usage if isinstance(usage, dict) else None)
 
 
 # --- the response, and its stream events ----------------------------------------------------------
