@@ -16,6 +16,19 @@ GGUF_MAGIC = b"GGUF"
 _GGUF_HEADER_BYTES = 24  # magic, version (u32), tensor count (u64), metadata count (u64)
 
 
+_SPECIAL_KINDS = {
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+    stat.S_IFIFO: "FIFO (named pipe)",
+    stat.S_IFSOCK: "socket",
+}
+
+
+def special_file_kind(mode: int) -> str:
+    """What a path that is neither a regular file nor a folder is, from its ``st_mode``."""
+    return _SPECIAL_KINDS.get(stat.S_IFMT(mode), "special file")
+
+
 def path_problem(path: str | Path, backend: str, options: dict | None = None) -> str | None:
     """Why ``path`` cannot be a model for ``backend``, from what it is and how it starts; None if it may be."""
     path = Path(path)
@@ -33,7 +46,7 @@ def path_problem(path: str | Path, backend: str, options: dict | None = None) ->
             return "is a folder without config.json: not a Hugging Face model folder"
         return None
     if not stat.S_ISREG(info.st_mode):
-        return "is not a regular file or folder (a device, FIFO or socket)"
+        return f"is a {special_file_kind(info.st_mode)}, not a regular file or folder"
     if info.st_size == 0:
         return "is empty (0 bytes)"
     try:

@@ -40,6 +40,7 @@ from typing import Any
 
 from ...config import Settings, format_bytes
 from ...errors import BackendUnavailable, InvalidRequest, LlmNbError, ModelNotFound, PermissionDenied
+from ...model_files import special_file_kind
 
 CHUNK = 1024 * 1024
 PROGRESS_EVERY_S = 0.2
@@ -86,16 +87,8 @@ def _safe_rel(rel: str, source: str) -> str:
     return "/".join(p for p in parts if p != ".")
 
 
-_KINDS = {
-    stat.S_IFCHR: "character device",
-    stat.S_IFBLK: "block device",
-    stat.S_IFIFO: "FIFO (named pipe)",
-    stat.S_IFSOCK: "socket",
-}
-
-
 def _not_regular(shown: str, mode: int) -> InvalidRequest:
-    kind = _KINDS.get(stat.S_IFMT(mode), "special file")
+    kind = special_file_kind(mode)
     return InvalidRequest(
         f"{shown} is a {kind}, not a regular file: only regular files and folders are copied "
         "(a device or a pipe may never end). Point download_files_from at the model's files"
