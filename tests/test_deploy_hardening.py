@@ -23,34 +23,28 @@ from aiohttp import web
 from llm_nb.errors import InvalidRequest, LlmNbError
 
 from .conftest import wait_for
-from .test_deployments import auth, make_deployment
+from .test_deployments import StaticServer, auth, make_deployment
 
 PLAIN = "def predict(payload_dict, **kwargs):\n    return payload_dict\n"
 STOP_BOUND_S = 10.0
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
 
 
-class SourceServer:
+class SourceServer(StaticServer):
     """Sources that misbehave, over HTTP on loopback (served from a thread): endless, slow, stalled.
 
     None sends a Content-Length, so their size is unknown until the copy has read them.
     """
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        app = web.Application()
-        for kind in ("endless", "slow", "stall"):
-            for method in ("GET", "HEAD"):
-                app.router.add_route(method, f"/{kind}/{{name}}", getattr(self, kind))
-        self.runner = web.AppRunner(app, shutdown_timeout=0.3)  # the stalled handler is cut at stop
-        self.loop.run_until_complete(self.runner.setup())
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        self.loop.run_until_complete(site.start())
-        self.port = site._server.sockets[0].getsockname()[1]
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
+        routes = [
+            (method, f"/{kind}/{{name}}", getattr(self, kind))
+            for kind in ("endless", "slow", "stall")
+            for method in ("GET", "HEAD")
+        ]
+        super().__init__(None, routes, shutdown_timeout=0.3)  # the stalled handler is cut at stop
 
-    def url(self, kind: str) -> str:
+    def source_url(self, kind: str) -> str:
         return f"http://127.0.0.1:{self.port}/{kind}/model.bin"
 
     @staticmethod
@@ -193,7 +187,9 @@ def test_copies_over_the_size_cap_fail_and_leave_nothing(host_factory, tmp_path,
 
     # An endless source of unknown size: stopped at the cap, its partial file removed.
     folder = make_deployment(
-        tmp_path / "endless", PLAIN, {"download_files_from": sources.url("endless"), "download_files_to": "files"}
+        tmp_path / "endless",
+        PLAIN,
+        {"download_files_from": sources.source_url("endless"), "download_files_to": "files"},
     )
     error = deploy_error(host, "endless", folder)
     assert error.code == "download_too_large" and "4.0 MiB" in str(error)
@@ -224,7 +220,9 @@ def test_a_copy_of_unknown_size_stops_before_the_disk_fills(host_factory, tmp_pa
         # The disk "fills" 16 MiB from now: the endless source must stop there, well under its cap.
         host = host_factory(LLM_NB_MIN_FREE_DISK=str(free - 16 * 1024 * 1024), LLM_NB_MAX_DOWNLOAD="1GiB")
         folder = make_deployment(
-            tmp_path / "fill", PLAIN, {"download_files_from": sources.url("endless"), "download_files_to": str(target)}
+            tmp_path / "fill",
+            PLAIN,
+            {"download_files_from": sources.source_url("endless"), "download_files_to": str(target)},
         )
         error = deploy_error(host, "fill", folder)
         assert error.code == "disk_full"
@@ -237,7 +235,7 @@ def test_a_copy_of_unknown_size_stops_before_the_disk_fills(host_factory, tmp_pa
 
 def test_a_deploy_in_progress_is_listed_and_undeploy_cancels_it(host, tmp_path, sources):
     folder = make_deployment(
-        tmp_path / "slow", PLAIN, {"download_files_from": sources.url("slow"), "download_files_to": "files"}
+        tmp_path / "slow", PLAIN, {"download_files_from": sources.source_url("slow"), "download_files_to": "files"}
     )
     thread, outcome = deploy_in_background(host, "slow", folder)
     first = wait_for(
@@ -263,7 +261,7 @@ def test_a_deploy_in_progress_is_listed_and_undeploy_cancels_it(host, tmp_path, 
 def test_a_stalled_copy_fails_after_the_stall_time(host_factory, tmp_path, sources):
     host = host_factory(LLM_NB_COPY_STALL="1.5")
     folder = make_deployment(
-        tmp_path / "stall", PLAIN, {"download_files_from": sources.url("stall"), "download_files_to": "files"}
+        tmp_path / "stall", PLAIN, {"download_files_from": sources.source_url("stall"), "download_files_to": "files"}
     )
     started = time.monotonic()
     error = deploy_error(host, "stall", folder)
@@ -368,7 +366,7 @@ def test_sigterm_ends_the_host_within_the_bound_with_a_copy_a_load_and_a_stream_
 
     threading.Thread(target=read_stream, daemon=True).start()
     folder = make_deployment(
-        tmp_path / "slow", PLAIN, {"download_files_from": sources.url("slow"), "download_files_to": "files"}
+        tmp_path / "slow", PLAIN, {"download_files_from": sources.source_url("slow"), "download_files_to": "files"}
     )
     deploy_thread, _ = deploy_in_background(host, "slow", folder)
     wait_for(lambda: (d := listed(host, "slow")) and d["bytes_copied"] > 0, 30, message="the copy to run")
@@ -427,7 +425,7 @@ def _alive(pid: int) -> bool:
 
 def test_llm_nb_stop_during_a_deploy_copy_ends_the_host_within_the_bound(host, tmp_path, sources):
     folder = make_deployment(
-        tmp_path / "slow", PLAIN, {"download_files_from": sources.url("slow"), "download_files_to": "files"}
+        tmp_path / "slow", PLAIN, {"download_files_from": sources.source_url("slow"), "download_files_to": "files"}
     )
     deploy_thread, outcome = deploy_in_background(host, "slow", folder)
     wait_for(lambda: (d := listed(host, "slow")) and d["bytes_copied"] > 0, 30, message="the copy to run")

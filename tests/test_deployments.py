@@ -135,9 +135,12 @@ def test_default_target_is_the_user_cache_dir(host_factory, tmp_path):
 
 
 class StaticServer:
-    """aiohttp serving a folder (with index pages) on 127.0.0.1, in a thread, for fsspec's http."""
+    """aiohttp serving a folder (with index pages) on 127.0.0.1, in a thread, for fsspec's http.
 
-    def __init__(self, root: Path, extra_routes=()):
+    ``root`` None serves only ``extra_routes``; ``runner_options`` go to aiohttp's ``AppRunner``.
+    """
+
+    def __init__(self, root: Path | None, extra_routes=(), **runner_options):
         import asyncio
 
         from aiohttp import web
@@ -146,8 +149,9 @@ class StaticServer:
         app = web.Application()
         for method, path, handler in extra_routes:
             app.router.add_route(method, path, handler)
-        app.router.add_static("/files/", root, show_index=True)
-        self.runner = web.AppRunner(app)
+        if root is not None:
+            app.router.add_static("/files/", root, show_index=True)
+        self.runner = web.AppRunner(app, **runner_options)
         self.loop.run_until_complete(self.runner.setup())
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         self.loop.run_until_complete(site.start())
