@@ -228,7 +228,11 @@ def served(host: RunningHost, name: str = "smollm2") -> int:
 def test_a_stream_sends_its_events_in_order_and_its_text_is_the_final_output_text(oa, shared_host):
     before = served(shared_host)
     with oa.responses.stream(
-        model="smollm2", input="Name three animals.", instructions="Answer in one line.", max_output_tokens=40
+        model="smollm2",
+        input="Name three animals.",
+        instructions="Answer in one line.",
+        max_output_tokens=120,
+        temperature=0,  # sampled, a long answer is cut and ends in response.incomplete instead
     ) as stream:
         events = list(stream)
         final = stream.get_final_response()
@@ -337,7 +341,12 @@ def test_a_remote_engine_answers_through_chat_with_tools_relayed(oa, shared_host
         assert plain.model == "via-remote" and plain.output_text
         assert plain.usage.input_tokens == chat_prompt_tokens(oa, [{"role": "user", "content": "Name a colour."}])
         with oa.responses.stream(
-            model="via-remote", input=ASK_WEATHER, tools=[WEATHER], tool_choice="required", max_output_tokens=60
+            model="via-remote",
+            input=ASK_WEATHER,
+            tools=[WEATHER],
+            tool_choice="required",
+            max_output_tokens=60,
+            temperature=0,
         ) as stream:
             final = stream.get_final_response()
         call = final.output[0]
