@@ -32,7 +32,7 @@ demo: install
 install-test: $(BIN)/python
 	@echo "llm-nb: installing with the test extras; llama-cpp-python compiles from source the first time (about 10 minutes on 2 cores)."
 	$(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --progress-bar on -e ".[test,transformers,widgets,consume]"
+	$(PIP) install --progress-bar on -e ".[test,transformers,widgets,consume,ray]"
 
 # Install everything the tests need, then run them all.
 test: install-test

@@ -11,6 +11,12 @@ Also the cost of the deployment hop: median latency of an empty predict.
 Usage:
 
     python benchmarks/bench_fire.py [--rounds 3] [--prompts 8] [--max-tokens 16]
+    python benchmarks/bench_fire.py --engines [--rounds 5]   # needs llm-nb[ray]
+
+``--engines`` compares the deployment engines instead, on one CPU-bound model.py
+(50 ms of pure-Python work a predict): a local worker, Ray Serve with 1 replica
+and Ray Serve with 2 replicas, 16 payloads 4 at a time, interleaved rounds; then
+the per-request cost of each hop (an empty predict, one at a time).
 
 Prints, per endpoint, the median over rounds of: wall time at concurrency N and
 one at a time, the speed-up (one-at-a-time wall / parallel wall), p50 latency
@@ -98,13 +104,79 @@ def summarise(runs: list[dict]) -> dict:
     return {k: median(k) for k in ("wall_s", "sequential_wall_s", "speedup", "p50_s", "tokens_per_s")}
 
 
+BUSY_MODEL_PY = """
+import time
+
+def predict(payload_dict: dict, **kwargs):
+    start = time.perf_counter()
+    while time.perf_counter() - start < float(payload_dict.get("seconds", 0.05)):
+        pass
+    return {"answer": payload_dict.get("user_prompt")}
+"""
+
+
+def engines(rounds: int) -> None:
+    """Local worker vs Ray Serve (1 and 2 replicas) on the same CPU-bound model.py."""
+    prompts = [f"payload {i}" for i in range(16)]
+    setups = [("local worker", {}), ("ray, 1 replica", {"engine": "ray", "replicas": 1})]
+    setups.append(("ray, 2 replicas", {"engine": "ray", "replicas": 2}))
+    # 3 logical CPUs so that all three stay deployed (each replica reserves one); they are
+    # measured one at a time, so they never share the machine's 2 real cores.
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-engines-") as tmp_name,
+        running_host(Path(tmp_name), LLM_NB_RAY_NUM_CPUS="3") as (info, _),
+    ):
+        headers = {"Authorization": f"Bearer {info['key']}"}
+        folder = write_model(Path(tmp_name) / "busy", BUSY_MODEL_PY)
+        urls = {}
+        for index, (label, options) in enumerate(setups):
+            body = {"name": f"busy{index}", "folder": str(folder), **options}
+            requests.post(
+                info["url"] + "/api/deployments/deploy", json=body, headers=headers, timeout=600
+            ).raise_for_status()
+            urls[label] = f"{info['url']}/models/busy{index}/"
+        fire = {"concurrency": 4, "progress": False, "compare_sequential": False, "retries": 0}
+        for url in urls.values():  # warm-up
+            consume.fire(url, prompts[:4], params={"seconds": 0.05}, **fire)
+        runs: dict[str, list[dict]] = {label: [] for label in urls}
+        hops: dict[str, list[float]] = {label: [] for label in urls}
+        for _ in range(rounds):
+            for label, url in urls.items():
+                report = consume.fire(url, prompts, params={"seconds": 0.05}, **fire)
+                if report.errors:
+                    raise RuntimeError(f"{label}: {[r.error for r in report.errors][:3]}")
+                runs[label].append(report.summary)
+                token = consume.get_session_token(url)
+                for _ in range(20):
+                    started = time.perf_counter()
+                    consume.predict(url, {"seconds": 0}, token)
+                    hops[label].append(time.perf_counter() - started)
+
+    print(f"16 payloads of 50 ms CPU work, 4 at a time; median of {rounds} interleaved rounds after a warm-up")
+    print(f"{'engine':18} {'req/s':>7} {'vs local':>8} {'p50 ms':>7} {'p99 ms':>7} {'empty predict ms':>17}")
+    base = statistics.median(r["requests_per_s"] for r in runs["local worker"])
+    base_hop = statistics.median(hops["local worker"])
+    for label in urls:
+        rate = statistics.median(r["requests_per_s"] for r in runs[label])
+        hop = statistics.median(hops[label])
+        extra = "" if label == "local worker" else f" (+{(hop - base_hop) * 1000:.1f})"
+        print(
+            f"{label:18} {rate:7.1f} {rate / base:7.2f}x {statistics.median(r['p50_s'] for r in runs[label]) * 1000:7.0f} "
+            f"{statistics.median(r['p99_s'] for r in runs[label]) * 1000:7.0f} {hop * 1000:9.1f}{extra}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads, the same for both engines")
+    parser.add_argument("--engines", action="store_true", help="local worker vs Ray Serve replicas instead")
     args = parser.parse_args()
+    if args.engines:
+        engines(args.rounds)
+        return
     prompts = [f"Say one sentence about the {TOPICS[i % len(TOPICS)]}." for i in range(args.prompts)]
     concurrency = args.prompts
     gen = {"max_tokens": args.max_tokens, "temperature": 0}

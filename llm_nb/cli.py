@@ -3,7 +3,7 @@
 llm-nb host                      run the host in the foreground
 llm-nb load [MODEL] [--name N]   load or attach (MODEL defaults to smollm2)
 llm-nb chat [MODEL] "PROMPT"     stream a reply to the terminal (--schema FILE, --json: JSON replies)
-llm-nb ps [--json]               what is loaded, by whom, at what cost
+llm-nb ps [--json]               what is loaded, by whom, at what cost; then the deployments
 llm-nb unload MODEL [--force]
 llm-nb logs MODEL                a model worker's log
 llm-nb deploy NAME FOLDER        serve FOLDER's model.py at /models/NAME/
@@ -148,7 +148,16 @@ def cmd_stop(args) -> int:
 def cmd_deploy(args) -> int:
     from .deployment import deploy
 
-    print(deploy(args.name, args.folder, connection=args.connection_file, progress=sys.stderr.isatty()))
+    print(
+        deploy(
+            args.name,
+            args.folder,
+            engine=args.engine,
+            replicas=args.replicas,
+            connection=args.connection_file,
+            progress=sys.stderr.isatty(),
+        )
+    )
     return 0
 
 
@@ -214,8 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="print tokens, time to first token and tokens/s")
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("ps", help="show loaded models, who holds them and what they cost")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("ps", help="show loaded models (who holds them, what they cost), then deployments")
+    p.add_argument("--json", action="store_true", help="the host's status as JSON, deployments included")
     p.set_defaults(func=cmd_ps)
 
     p = sub.add_parser("unload", help="release your lease on a model (--force: free it for everyone)")
@@ -232,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("deploy", help="deploy a folder with model.py (and model.json) at /models/NAME/")
     p.add_argument("name")
     p.add_argument("folder")
+    p.add_argument("--engine", choices=("local", "ray"), default="local", help="a host worker, or Ray Serve")
+    p.add_argument("--replicas", type=int, help="engine ray: how many replicas (default 1)")
     p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("undeploy", help="undeploy NAME: its cleanup() runs, its worker ends")

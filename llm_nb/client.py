@@ -198,9 +198,20 @@ class Client(_Made, SyncTransport):
         return self.call("POST", "/api/shutdown", {}, retry=False)
 
     # --- deployments and tokens ----------------------------------------------
-    def deploy(self, name: str, folder: str | os.PathLike, on_progress: Callable[[dict], None] | None = None) -> dict:
-        """Deploy a folder with model.py as ``/models/<name>/``; returns its metadata and the seconds it took."""
-        body = {"name": name, "folder": str(Path(folder).expanduser().resolve())}
+    def deploy(
+        self,
+        name: str,
+        folder: str | os.PathLike,
+        on_progress: Callable[[dict], None] | None = None,
+        engine: str = "local",
+        **engine_options: Any,
+    ) -> dict:
+        """Deploy a folder with model.py as ``/models/<name>/``; returns its metadata and the seconds it took.
+
+        ``engine_options`` (engine="ray"): ``replicas``, ``autoscaling``, ``ray_actor_options``.
+        """
+        body = {"name": name, "folder": str(Path(folder).expanduser().resolve()), "engine": engine}
+        body.update({k: v for k, v in engine_options.items() if v is not None})
         return self.progress("/api/deployments/deploy", body, on_progress)
 
     def undeploy(self, name: str) -> dict:

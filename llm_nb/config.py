@@ -111,6 +111,12 @@ class Settings:
     #: Requests one client address may have open at once; more are a 503 (``LLM_NB_MAX_CONNECTIONS``).
     #: Every local client shares 127.0.0.1, so this is sized for a busy machine, not one notebook.
     max_connections: int = 256
+    #: The Ray cluster for ``engine="ray"`` deployments (``LLM_NB_RAY_ADDRESS``, else ``RAY_ADDRESS``);
+    #: None: the host starts a local head of its own on first use.
+    ray_address: str | None = None
+    #: The local head's share of this machine: logical CPUs (None: every core) and object store bytes.
+    ray_num_cpus: int | None = None
+    ray_object_store: int = 256 * 1024**2
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -132,6 +138,9 @@ class Settings:
             max_download=parse_size(_env("MAX_DOWNLOAD", "200GiB")),
             copy_stall=parse_duration(_env("COPY_STALL", "60")),
             min_free_disk=parse_size(_env("MIN_FREE_DISK", "1GiB")),
+            ray_address=_env("RAY_ADDRESS") or os.environ.get("RAY_ADDRESS") or None,
+            ray_num_cpus=int(_env("RAY_NUM_CPUS")) if _env("RAY_NUM_CPUS") else None,
+            ray_object_store=parse_size(_env("RAY_OBJECT_STORE", "256MiB")),
         )
 
 

@@ -64,10 +64,21 @@ class Deployed:
     def __str__(self) -> str:
         copied = sum(1 for f in self.files if not f.get("cached"))
         files = f", {len(self.files)} files ({copied} copied)" if self.files else ""
-        return f"{self.name} v{self.version} {self.state} at {self.api_url} in {self.seconds:.1f} s{files}"
+        return (
+            f"{self.name} v{self.version} {self.state} at {self.api_url}{self._engine()} in {self.seconds:.1f} s{files}"
+        )
+
+    def _engine(self) -> str:
+        if self.meta.get("engine") != "ray":
+            return ""
+        replicas = self.meta.get("replicas") or {}
+        target = replicas.get("target")
+        return f" on Ray ({replicas.get('running', 0)} of {target} replicas)" if target else " on Ray (autoscaling)"
 
     def _repr_markdown_(self) -> str:
-        return f"**{self.name}** v{self.version} · {self.state} · `{self.api_url}` · {self.seconds:.1f} s"
+        return (
+            f"**{self.name}** v{self.version} · {self.state} · `{self.api_url}`{self._engine()} · {self.seconds:.1f} s"
+        )
 
 
 def _progress_printer(name: str) -> tuple[Callable[[dict], None], Callable[[], None]]:
@@ -96,15 +107,30 @@ def _progress_printer(name: str) -> tuple[Callable[[dict], None], Callable[[], N
 
 
 def deploy(
-    name: str, folder: str | os.PathLike = ".", *, connection: str | os.PathLike | None = None, progress: bool = True
+    name: str,
+    folder: str | os.PathLike = ".",
+    *,
+    engine: str = "local",
+    replicas: int | None = None,
+    autoscaling: dict | None = None,
+    ray_actor_options: dict | None = None,
+    connection: str | os.PathLike | None = None,
+    progress: bool = True,
 ) -> Deployed:
-    """Deploy ``folder`` (with ``model.py``) as ``name``; a new version replaces a live one once its init() is done."""
+    """Deploy ``folder`` (with ``model.py``) as ``name``; a new version replaces a live one once its init() is done.
+
+    ``engine="local"`` runs model.py in a worker of the host's; ``engine="ray"`` runs it as
+    ``replicas`` replicas (or Ray Serve's ``autoscaling`` config) on the Ray cluster that
+    ``RAY_ADDRESS`` names, or on a local head the host starts. ``ray_actor_options`` go to each
+    replica (``{"num_cpus": 2}``, ``{"num_gpus": 1}``, ``{"runtime_env": ...}``).
+    """
     from .client import Client
 
     client = Client(connection)
     on_progress, close = _progress_printer(name) if progress else (None, lambda: None)
+    engine_options = {"replicas": replicas, "autoscaling": autoscaling, "ray_actor_options": ray_actor_options}
     try:
-        result = client.deploy(name, folder, on_progress=on_progress)
+        result = client.deploy(name, folder, on_progress=on_progress, engine=engine, **engine_options)
     finally:
         close()
     meta = result["deployment"]

@@ -313,7 +313,7 @@ class LlmMagics(Magics):
     @argument("-h", "--help", action="store_true", help="show this help")
     @_user_errors
     def llm_status(self, line: str) -> None:
-        """What the host holds: models, state, memory, the budget, and which notebooks hold each."""
+        """What the host holds: models (state, memory, which notebooks hold each), deployments, the budget."""
         args = parse_argstring(self.llm_status, line)
         if self._help(self.llm_status, args):
             return
@@ -350,16 +350,20 @@ class LlmMagics(Magics):
     @magic_arguments()
     @argument("name", help="serve it at /models/NAME/ on the host")
     @argument("folder", nargs="?", default=".", help="the folder with model.py (and model.json); default: here")
+    @argument("--engine", choices=("local", "ray"), default="local", help="a worker of the host's, or Ray Serve")
+    @argument("--replicas", type=int, help="engine ray: how many replicas (default 1)")
     @argument("-h", "--help", action="store_true", help="show this help")
     @_user_errors
     def llm_deploy(self, line: str) -> None:
-        """Deploy a folder with model.py (Practicus-style init/predict/cleanup) in a worker of its own."""
+        """Deploy a folder with model.py (Practicus-style init/predict/cleanup): in a worker of the host's, or on Ray."""
         from .deployment import deploy
 
         args = parse_argstring(self.llm_deploy, line)
         if self._help(self.llm_deploy, args):
             return
-        deployed = deploy(args.name, args.folder, connection=self.session.connection)
+        deployed = deploy(
+            args.name, args.folder, engine=args.engine, replicas=args.replicas, connection=self.session.connection
+        )
         display({"text/plain": str(deployed), "text/markdown": deployed._repr_markdown_()}, raw=True)
 
     @line_magic

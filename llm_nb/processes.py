@@ -1,4 +1,7 @@
-"""What the host's supervisor and the host itself say about a child process that ended.
+"""Child processes' lives: how they end with their parent, and what is said of one that ended.
+
+``die_with_parent`` is how a process the host starts (a model worker, the Ray
+head's keeper) never outlives it.
 
 A host's exit is recorded beside its connection file (``<name>.exit.json``) by
 the process that waits on it (the launcher a client starts, or the Jupyter
@@ -8,15 +11,52 @@ previous host ended: a signal, an exit code, or the kernel's OOM killer.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
 import signal
+import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 #: How long after a host's death the OOM rule holds: its models are not loaded again by themselves.
 OOM_HOLD_S = 60.0
+
+
+def set_prctl(option: int, value: int) -> None:
+    """Linux's prctl; a no-op elsewhere."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def die_with_parent(
+    parent_pid: int, death_signal: int = signal.SIGKILL, on_parent_gone: Callable[[], None] | None = None
+) -> None:
+    """End with the parent however it died: ``PR_SET_PDEATHSIG`` sends ``death_signal``, and EOF on the
+    stdin pipe that only the parent holds calls ``on_parent_gone`` (default: exit at once)."""
+    set_prctl(PR_SET_PDEATHSIG, death_signal)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(3)
+
+    def wait_for_eof() -> None:
+        try:
+            while sys.stdin.buffer.read(4096):
+                pass
+        except (OSError, ValueError):
+            pass
+        (on_parent_gone or (lambda: os._exit(0)))()
+
+    threading.Thread(target=wait_for_eof, name="parent-watch", daemon=True).start()
 
 
 def describe_exit(returncode: int | None) -> str:

@@ -17,7 +17,9 @@ host's 0700 runtime folder. The protocol is small and internal:
 ``POST /classify`` ``{"input": [...], "parameters": {...}}``
 ``POST /tokenize`` ``{"text": ...}`` -> ``{"tokens": [...]}``
 ``POST /predict``  a deployment's ``{"payload": ...}`` -> ``{"result": ...}``
-``POST /shutdown`` answers, then the process ends
+``POST /restore``  a deployment version puts back what a failed successor changed
+``POST /shutdown`` answers, then the process ends (``{"replaced": true}``: a
+                   newer version took over what the two share)
 =================  ==========================================================
 
 Errors are the OpenAI-shaped JSON of ``llm_nb.errors`` with their status, so
@@ -32,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import json
 import logging
 import os
@@ -48,33 +49,11 @@ from aiohttp import web
 from .catalog import ModelSpec
 from .config import worker_stream_interval
 from .errors import InvalidRequest, LlmNbError
+from .processes import die_with_parent
 
 log = logging.getLogger("llm_nb.worker")
 _END = object()
 STREAM_INTERVAL_S = worker_stream_interval()
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """Exit as soon as the host is gone, however it died."""
-    if sys.platform.startswith("linux"):
-        PR_SET_PDEATHSIG = 1
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent_pid:  # the host died before prctl took effect
-        os._exit(3)
-
-    def wait_for_eof() -> None:
-        try:
-            while sys.stdin.buffer.read(4096):
-                pass
-        except (OSError, ValueError):
-            pass
-        os._exit(0)
-
-    threading.Thread(target=wait_for_eof, name="parent-watch", daemon=True).start()
 
 
 def _error_response(exc: BaseException) -> web.Response:
@@ -300,7 +279,19 @@ class Worker:
         body = await request.json()
         return web.json_response({"result": await predict(body.get("payload"), **dict(body.get("kwargs") or {}))})
 
+    async def handle_restore(self, request: web.Request) -> web.Response:
+        """A deployment whose successor failed part way through replacing it puts itself back (Ray)."""
+        restore = getattr(self._ready_backend(), "restore", None)
+        if restore is None:
+            raise InvalidRequest(f"{self.spec.name!r} shares nothing with other versions: nothing to restore")
+        await asyncio.to_thread(restore)
+        return web.json_response({"ok": True})
+
     async def handle_shutdown(self, request: web.Request) -> web.Response:
+        body = await request.json() if request.can_read_body else {}
+        if body.get("replaced") and self.backend is not None:
+            # A newer version of this deployment serves now: what they share (a Ray application) stays.
+            self.backend.replaced = True
         self.shutdown_event.set()
         return web.json_response({"ok": True})
 
@@ -324,6 +315,7 @@ class Worker:
         app.router.add_post("/classify", self.handle_classify)
         app.router.add_post("/tokenize", self.handle_tokenize)
         app.router.add_post("/predict", self.handle_predict)
+        app.router.add_post("/restore", self.handle_restore)
         app.router.add_post("/shutdown", self.handle_shutdown)
         return app
 

@@ -497,12 +497,25 @@ async def predict(payload_dict: dict, **kwargs):
 """
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
+NEEDS_TRANSFORMERS = pytest.mark.skipif(
     importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None,
-    reason="the pipeline variant needs transformers and torch (pip install llm-nb[transformers])",
+    reason="the Practicus pipeline sample needs transformers and torch (pip install llm-nb[transformers])",
 )
+
+
+@pytest.mark.slow
+@NEEDS_TRANSFORMERS
 def test_practicus_pipeline_model_py_runs_unchanged_but_for_the_sdk_import(host, tmp_path):
+    folder = practicus_pipeline_folder(tmp_path)
+    host.client().deploy("pipeline", folder)
+    answer = requests.post(
+        f"{host.url}/models/pipeline/", json={"user_prompt": "hello"}, headers=auth(host), timeout=120
+    ).json()
+    assert answer["answer"].startswith("Time:") and "generated_text" in answer["answer"]
+
+
+def practicus_pipeline_folder(tmp_path: Path) -> Path:
+    """The Practicus sample's folder, its model.json pointing at a tiny character-level GPT-2 built here."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
@@ -515,16 +528,11 @@ def test_practicus_pipeline_model_py_runs_unchanged_but_for_the_sdk_import(host,
     GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_embd=32, n_layer=2, n_head=2, n_positions=128)).save_pretrained(
         weights
     )
-    folder = make_deployment(
+    return make_deployment(
         tmp_path / "pipeline",
         PIPELINE_STYLE,
         {"download_files_from": str(weights), "download_files_to": str(tmp_path / "cache")},
     )
-    host.client().deploy("pipeline", folder)
-    answer = requests.post(
-        f"{host.url}/models/pipeline/", json={"user_prompt": "hello"}, headers=auth(host), timeout=120
-    ).json()
-    assert answer["answer"].startswith("Time:") and "generated_text" in answer["answer"]
 
 
 def test_magics_deploy_and_undeploy(host, tmp_path, capsys):
@@ -563,3 +571,67 @@ def test_a_redeploy_lets_the_old_version_finish_its_requests(host, tmp_path):
     slow.join(30)
     assert answers[0].status_code == 200 and answers[0].json()["version"] == 1
     assert requests.post(url, json={}, headers=auth(host), timeout=30).json()["version"] == 2
+
+
+def test_status_ps_and_llm_status_list_deployments_after_the_models(host, tmp_path):
+    from IPython.core.displaypub import CapturingDisplayPublisher
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from llm_nb.api import Session
+    from llm_nb.magics import LlmMagics
+
+    client = host.client()
+    client.deploy("listed", make_deployment(tmp_path / "listed"))
+    assert requests.post(f"{host.url}/models/listed/", json={}, headers=auth(host), timeout=30).ok
+    (listed,) = client.status()["deployments"]
+    assert (listed["name"], listed["version"], listed["engine"], listed["state"]) == ("listed", 1, "local", "ready")
+    assert listed["replicas"] == {"target": 1, "running": 1} and listed["requests_served"] == 1
+    assert listed["rss_bytes"] > 0 and listed["folder"] == str(tmp_path / "listed")
+
+    def cli(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "llm_nb.cli", *args], env=host.env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    table = cli("ps").splitlines()
+    header = next(i for i, line in enumerate(table) if line.startswith("DEPLOYMENT"))
+    assert table[header].split() == ["DEPLOYMENT", "VERSION", "ENGINE", "REPLICAS", "MEMORY", "STATE", "SERVED"]
+    assert table[0].startswith("NAME") and header > 0, "deployments come after the models"
+    name, version, engine, replicas, size, unit, state, served = table[header + 1].split()
+    assert (name, version, engine, replicas, state, served) == ("listed", "v1", "local", "1/1", "ready", "1")
+    assert unit == "MiB" and float(size) > 0
+    assert json.loads(cli("ps", "--json"))["deployments"][0]["name"] == "listed"
+
+    shell = InteractiveShell.instance()
+    shell.register_magics(LlmMagics(shell, session=Session(str(host.connection_file))))
+    saved, shell.display_pub = shell.display_pub, CapturingDisplayPublisher()
+    try:
+        shell.run_line_magic("llm_status", "")
+        shown = shell.display_pub.outputs[-1]["data"]
+    finally:
+        shell.display_pub = saved
+    assert "DEPLOYMENT" in shown["text/plain"] and "listed" in shown["text/plain"]
+    assert "| deployment | version | engine | replicas | memory | state | served |" in shown["text/markdown"]
+    assert "| listed | v1 | local | 1/1 |" in shown["text/markdown"]
+
+    client.undeploy("listed")
+    assert client.status()["deployments"] == [] and "DEPLOYMENT" not in cli("ps")
+
+
+def test_the_event_stream_announces_deployments_as_they_come_and_go(host, tmp_path):
+    """The panels follow /api/events: a deploy, a request served and an undeploy each send a new status."""
+    stream = requests.get(f"{host.url}/api/events", headers=auth(host), stream=True, timeout=30)
+    events = (json.loads(line[len(b"data: ") :]) for line in stream.iter_lines() if line.startswith(b"data: "))
+    try:
+        assert next(events)["deployments"] == []
+        client = host.client()
+        client.deploy("announced", make_deployment(tmp_path / "announced"))
+        assert next(e for e in events if e["deployments"])["deployments"][0]["name"] == "announced"
+        assert requests.post(f"{host.url}/models/announced/", json={}, headers=auth(host), timeout=30).ok
+        assert next(e for e in events if e["deployments"][0]["requests_served"] == 1)
+        client.undeploy("announced")
+        assert next(e for e in events if not e["deployments"])
+    finally:
+        stream.close()

@@ -42,6 +42,12 @@ SHOWS = {
     "06-openai-and-kserve-apis": ["permission_denied", "INT64", "FP32", "POSITIVE", "resp_", "scores [3, 2]"],
     "07-remote-engine": ["team-llm · remote", "tokens/s", ") stopped"],
     "08-structured-output": ["Person Address int", "dict {", "get_weather", "tool_calls get_weather"],
+    "09-deploy-on-ray": [
+        "on Ray (2 of 2 replicas)",
+        "scorer-ray: engine ray, 2 of 2 replicas running, Ray application RUNNING",
+        "two Ray replicas:",
+        "image/png",
+    ],
 }
 
 

@@ -129,6 +129,7 @@ _BACKEND_MODULES = {
     "llamacpp": ("llm_nb.backends.llamacpp", "LlamaCppBackend", "llama-cpp-python"),
     "transformers": ("llm_nb.backends.transformers", "TransformersBackend", "llm-nb[transformers]"),
     "deployment": ("llm_nb.backends.user_code", "DeploymentBackend", "llm-nb"),
+    "ray_deployment": ("llm_nb.backends.ray_serve", "RayServeBackend", "'llm-nb[ray]'"),
     "transformers-task": ("llm_nb.backends.tasks", "PipelineBackend", "llm-nb[transformers]"),
 }
 

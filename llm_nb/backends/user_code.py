@@ -118,15 +118,7 @@ class DeploymentBackend(Backend):
         if not callable(predict):
             raise InvalidRequest(f"{model_py} defines no predict(payload_dict, **kwargs); add one")
         self._predict_call = _adapter(predict, self.meta)
-        configured = self.meta.model_json.get("max_concurrency")
-        if configured is not None:
-            if not isinstance(configured, int) or configured < 1:
-                raise InvalidRequest(f"model.json max_concurrency must be a whole number >= 1, not {configured!r}")
-            self.parallel = configured
-        else:
-            # Coroutines share the loop and overlap while they wait; plain functions
-            # (a torch pipeline, say) are rarely safe to run twice at once.
-            self.parallel = ASYNC_PARALLEL if inspect.iscoroutinefunction(predict) else 1
+        self.parallel = max_concurrency(self.meta.model_json, inspect.iscoroutinefunction(predict))
         init = getattr(self.module, "init", None)
         if callable(init):
             progress("running init()", 0.1)
@@ -177,6 +169,29 @@ class DeploymentBackend(Backend):
                 log.exception("cleanup() of model.py failed")
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+def max_concurrency(model_json: dict, async_predict: bool) -> int:
+    """Predictions one copy of model.py runs at once: model.json's ``max_concurrency``, else by predict's kind."""
+    configured = model_json.get("max_concurrency")
+    if configured is not None:
+        if not isinstance(configured, int) or isinstance(configured, bool) or configured < 1:
+            raise InvalidRequest(f"model.json max_concurrency must be a whole number >= 1, not {configured!r}")
+        return configured
+    # Coroutines share the loop and overlap while they wait; plain functions
+    # (a torch pipeline, say) are rarely safe to run twice at once.
+    return ASYNC_PARALLEL if async_predict else 1
+
+
+def predict_is_async(model_py: Path) -> bool:
+    """Whether model.py defines ``async def predict``, read from its source: the caller never runs user code."""
+    import ast
+
+    try:
+        tree = ast.parse(model_py.read_text(encoding="utf-8"), filename=str(model_py))
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InvalidRequest(f"{model_py} cannot be read as Python: {exc}") from None
+    return any(isinstance(node, ast.AsyncFunctionDef) and node.name == "predict" for node in tree.body)
 
 
 def _adapter(predict, meta: ModelMeta):

@@ -385,6 +385,14 @@ class DeployRequest(_Base):
     name: str = Field(max_length=128, description="served at /models/<name>/")
     folder: str = Field(max_length=4096, description="the folder with model.py (and model.json), on the host")
     stream: bool = False
+    engine: Literal["local", "ray"] = Field("local", description="a worker of the host's, or replicas on Ray Serve")
+    replicas: int | None = Field(None, ge=1, le=1024, description="engine=ray: how many replicas (default 1)")
+    autoscaling: dict[str, Any] | None = Field(
+        None, description="engine=ray: Ray Serve's autoscaling_config (min_replicas, max_replicas, ...)"
+    )
+    ray_actor_options: dict[str, Any] | None = Field(
+        None, description="engine=ray: each replica's Ray actor options (num_cpus, num_gpus, memory, runtime_env)"
+    )
 
 
 class UndeployRequest(_Base):

@@ -2,7 +2,7 @@
 
 One ``WorkerProcess`` per loaded model. The host holds the write end of the
 worker's stdin pipe and never writes to it: when the host dies, for any
-reason, the worker reads EOF and exits (``llm_nb.worker.die_with_parent``).
+reason, the worker reads EOF and exits (``llm_nb.processes.die_with_parent``).
 """
 
 from __future__ import annotations
@@ -215,12 +215,12 @@ class WorkerProcess:
         return (await self._json("POST", "/tokenize", {"text": text}))["tokens"]
 
     # --- ending --------------------------------------------------------------
-    async def stop(self, grace: float = 5.0) -> None:
-        """Ask the worker to end, then SIGKILL it after ``grace`` seconds."""
+    async def stop(self, grace: float = 5.0, replaced: bool = False) -> None:
+        """Ask the worker to end, then SIGKILL it after ``grace`` seconds (``replaced``: a newer version serves)."""
         self.stopping = True
         if self.process is not None and self.process.returncode is None:
             try:
-                await self._json("POST", "/shutdown", timeout=min(grace, 2.0))
+                await self._json("POST", "/shutdown", {"replaced": replaced}, timeout=min(grace, 2.0))
             except LlmNbError:
                 pass
             try:

@@ -73,6 +73,12 @@ class LlmNbExtension(ExtensionApp):
         5, help="Crashes within five minutes after which the host is no longer restarted automatically."
     ).tag(config=True)
 
+    ray_address = Unicode(
+        help="""The Ray cluster that engine="ray" deployments run on ("HOST:PORT" or "ray://HOST:10001").
+        Empty: the host starts a local Ray head of its own on the first Ray deploy, and stops it with
+        itself. Default: $LLM_NB_RAY_ADDRESS, else $RAY_ADDRESS.""",
+    ).tag(config=True)
+
     host_env = Dict(
         key_trait=Unicode(),
         value_trait=Unicode(),
@@ -91,6 +97,10 @@ class LlmNbExtension(ExtensionApp):
     @default("keep_alive")
     def _keep_alive_default(self) -> str:
         return setting_text("KEEP_ALIVE")
+
+    @default("ray_address")
+    def _ray_address_default(self) -> str:
+        return setting_text("RAY_ADDRESS") or os.environ.get("RAY_ADDRESS", "")
 
     @validate("memory_budget", "keep_alive")
     def _check_size_or_duration(self, proposal) -> str:
@@ -121,6 +131,8 @@ class LlmNbExtension(ExtensionApp):
         if self.keep_alive:
             host_args += ["--keep-alive", self.keep_alive]
         env = {**os.environ, **self.host_env} if self.host_env else None
+        if self.ray_address:
+            env = {**(env or os.environ), "LLM_NB_RAY_ADDRESS": self.ray_address}
         self.hub = StatusHub(self.snapshot)
         self.supervisor = HostSupervisor(
             conn,
@@ -181,7 +193,7 @@ class LlmNbExtension(ExtensionApp):
         return holder
 
     def snapshot(self) -> dict:
-        """What the panel shows: the host process, its models and the budget (no key, no URL)."""
+        """What the panel shows: the host process, its models and deployments, the budget (no key, no URL)."""
         status = self.supervisor.status or {}
         models = [
             dict(m, leases=[dict(lease, display=self.display_name(lease["name"])) for lease in m.get("leases", [])])
@@ -191,6 +203,7 @@ class LlmNbExtension(ExtensionApp):
             "server": {"version": __version__, "start_policy": self.start_policy},
             "host": self.supervisor.describe(),
             "models": models,
+            "deployments": status.get("deployments", []),
             "budget_bytes": status.get("budget_bytes"),
             "budget_kind": status.get("budget_kind"),
             "used_bytes": status.get("used_bytes"),

@@ -2,12 +2,14 @@
 
 ``files`` copies the model files that ``model.json`` names, ``manager`` runs
 each deployment's user code in a worker of its own (deploy, predict, replace,
-undeploy), ``routes`` serves them:
+undeploy), or with ``engine="ray"`` as Ray Serve replicas driven from that
+worker (``llm_nb.backends.ray_serve``, on ``..ray_cluster``), ``versions``
+holds each version's facts, ``routes`` serves them:
 
 =====================================  ========================================
 ``GET|POST /models/<name>/``           a prediction; ``?get_meta=true``: metadata
 ``GET  /api/deployments``              the deployments this caller may see, and deploys in progress
-``POST /api/deployments/deploy``       ``{"name", "folder"}`` (NDJSON progress with ``stream``)
+``POST /api/deployments/deploy``       ``{"name", "folder", "engine", "replicas", ...}`` (NDJSON progress with ``stream``)
 ``POST /api/deployments/undeploy``     ``{"name"}``: ``cleanup()``, then the worker ends; a deploy in progress is cancelled
 ``GET  /api/deployments/<name>/logs``  the worker's log
 ``POST /api/deployments/<name>/use``   a lease on a host model, for ``use_model`` in model.py
@@ -21,7 +23,8 @@ lease; default: any). Copies are capped by ``LLM_NB_MAX_DOWNLOAD``,
 ``LLM_NB_MIN_FREE_DISK`` and ``LLM_NB_COPY_STALL`` (see ``files``).
 """
 
-from .manager import DeploymentManager, LiveDeployments
+from .manager import DeploymentManager
 from .routes import routes, stop_all
+from .versions import LiveDeployments
 
 __all__ = ["DeploymentManager", "LiveDeployments", "routes", "stop_all"]

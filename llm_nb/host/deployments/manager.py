@@ -2,7 +2,9 @@
 
 ``deploy(name, folder)`` copies the files that ``model.json`` names, then
 starts a worker process (``llm_nb.backends.user_code``) that imports
-``model.py`` and awaits ``init`` once. The host never imports user code: an
+``model.py`` and awaits ``init`` once; with ``engine="ray"`` that worker is
+the deployment's Ray driver and the replicas on the cluster do both
+(``llm_nb.backends.ray_serve``). The host never imports user code: an
 exception, ``sys.exit`` or ``os._exit`` in ``model.py`` costs that deployment
 only.
 
@@ -21,139 +23,27 @@ import asyncio
 import hashlib
 import logging
 import re
-import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ...catalog import ModelSpec
 from ...config import Settings
 from ...errors import InvalidRequest, LlmNbError, ModelCrashed, ModelLoading, ModelNotFound, Timeout
-from .. import memory
+from ..ray_cluster import RayCluster, require_ray
 from ..registry import Registry
 from ..scheduler import ModelQueue
 from ..tokens import TokenIssuer
-from ..workers import WorkerProcess, describe_exit, safe_name
+from ..workers import WorkerProcess, safe_name
 from .files import CopyJob, CopyLimits, Progress, files_to_copy, read_model_json
+from .versions import Deployment, DeploymentWorker, LiveDeployments
 
 log = logging.getLogger("llm_nb.host.deployments")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DRAIN_S = 60.0
 CLEANUP_GRACE_S = 35.0  # cleanup() may take its time, except while the host stops
 UNWIND_S = 5.0  # a cancelled deploy's stage: kill its worker or drop its partial files
-
-
-class DeploymentWorker(WorkerProcess):
-    def crashed_error(self) -> ModelCrashed:
-        return ModelCrashed(
-            self.crash_reason()
-            + f"\ndeploy it again to start a fresh worker (`llm-nb deploy {self.spec.name} {self.spec.path}`)",
-            exit=describe_exit(self.returncode),
-        )
-
-    async def predict(self, payload: Any, timeout: float | None) -> Any:
-        return (await self._json("POST", "/predict", {"payload": payload}, timeout=timeout))["result"]
-
-
-@dataclass
-class Deployment:
-    name: str
-    folder: Path
-    version: int
-    model_json: dict
-    instance: str = field(default_factory=lambda: secrets.token_hex(12))
-    created: float = field(default_factory=time.time)
-    state: str = "deploying"  # deploying, ready, failed, undeploying
-    files_dir: Path | None = None
-    files: list[dict] = field(default_factory=list)
-    code_sha256: str = ""
-    worker: DeploymentWorker | None = None
-    queue: ModelQueue | None = None
-    info: dict = field(default_factory=dict)
-    requests_served: int = 0
-    errors: int = 0
-    failure: str | None = None
-    progress: dict = field(default_factory=dict)
-    deploy_seconds: float | None = None
-    copy_job: CopyJob | None = None
-    #: Set, with the error its deploy answers, by an undeploy or the host stopping.
-    cancel_error: LlmNbError | None = None
-    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
-    settled: asyncio.Event = field(default_factory=asyncio.Event)  # the deploy ended, one way or another
-
-    @property
-    def lease_client(self) -> str:
-        return f"deployment:{self.name}@{self.instance[:8]}"
-
-    def meta(self, base_url: str) -> dict:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "created": self.created,
-            "state": self.state,
-            "model_json": self.model_json,
-            "files": self.files,
-            "files_dir": str(self.files_dir) if self.files_dir else None,
-            "folder": str(self.folder),
-            "code_sha256": self.code_sha256,
-            "requests_served": self.requests_served,
-            "errors": self.errors,
-            "in_flight": self.queue.running if self.queue else 0,
-            "waiting": self.queue.waiting if self.queue else 0,
-            "max_concurrency": self.queue.slots if self.queue else None,
-            "worker_pid": self.worker.pid if self.worker else None,
-            "rss_bytes": memory.process_rss(self.worker.pid) if self.worker and self.worker.pid else 0,
-            "deploy_seconds": self.deploy_seconds,
-            "bytes_copied": self.copy_job.bytes_done if self.copy_job else 0,
-            "bytes_total": self.copy_job.total if self.copy_job else None,
-            "progress": self.progress,
-            "failure": self.failure,
-            "api_url": f"{base_url}/models/{self.name}/",
-            "log_file": str(self.worker.log_path) if self.worker else None,
-        }
-
-
-class LiveDeployments:
-    """The deployment versions whose workers run or are starting, by credential id.
-
-    Made before the registry and the token issuer, which ask it what those workers
-    hold (their memory shares the models' budget) and whether a deployment's
-    credential still stands; the manager adds and removes versions.
-    """
-
-    def __init__(self) -> None:
-        self._by_instance: dict[str, Deployment] = {}
-
-    def add(self, dep: Deployment) -> None:
-        self._by_instance[dep.instance] = dep
-
-    def remove(self, dep: Deployment) -> None:
-        self._by_instance.pop(dep.instance, None)
-
-    def get(self, instance: str) -> Deployment | None:
-        return self._by_instance.get(instance)
-
-    def is_live(self, instance: str) -> bool:
-        return instance in self._by_instance
-
-    def memory_costs(self, kind: str) -> dict[str, int]:
-        """What each live deployment worker holds now (RSS, or GPU bytes under a GPU budget).
-
-        Its weights count against the models' budget like a model's would; models it leases
-        through ``use_model`` are counted once, as those models.
-        """
-        costs: dict[str, int] = {}
-        if not self._by_instance:
-            return costs
-        gpu_by_pid = memory.gpu_memory_by_pid() if kind == "gpu" else {}
-        for dep in list(self._by_instance.values()):
-            pid = dep.worker.pid if dep.worker and dep.worker.returncode is None else None
-            if pid:
-                measured = memory.measure(pid, gpu_by_pid)
-                costs[f"deployment {dep.name} v{dep.version}"] = measured["gpu_bytes" if kind == "gpu" else "rss_bytes"]
-        return costs
 
 
 class DeploymentManager:
@@ -171,9 +61,28 @@ class DeploymentManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._versions: dict[str, int] = {}
         self._seq = 0
+        self.ray = RayCluster(settings, registry.log_dir, self._ray_cluster_lost)
 
     # --- deploy ----------------------------------------------------------------------
-    async def deploy(self, name: str, folder: str, progress: Progress = lambda event: None) -> Deployment:
+    async def deploy(
+        self,
+        name: str,
+        folder: str,
+        progress: Progress = lambda event: None,
+        engine: str = "local",
+        engine_options: dict | None = None,
+    ) -> Deployment:
+        """Deploy ``folder`` as ``name``; ``engine="ray"`` runs it on Ray Serve with ``engine_options``
+        (``replicas``, ``autoscaling``, ``ray_actor_options``)."""
+        engine_options = {k: v for k, v in (engine_options or {}).items() if v is not None}
+        if engine not in ("local", "ray"):
+            raise InvalidRequest(f"engine must be 'local' or 'ray', not {engine!r}")
+        if engine == "local" and engine_options:
+            raise InvalidRequest(f"{', '.join(sorted(engine_options))} apply to engine='ray' only")
+        if engine == "ray":
+            require_ray()
+            if "replicas" in engine_options and "autoscaling" in engine_options:
+                raise InvalidRequest("give replicas or autoscaling, not both: autoscaling sets the replica count")
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise InvalidRequest(
                 f"deployment name {name!r} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
@@ -186,13 +95,16 @@ class DeploymentManager:
         if not (path / "model.py").is_file():
             raise ModelNotFound(f"{path} has no model.py; a deployment folder needs one with predict(payload_dict)")
         async with self._locks.setdefault(name, asyncio.Lock()):
-            return await self._deploy(name, path.resolve(), progress)
+            return await self._deploy(name, path.resolve(), progress, engine, engine_options)
 
-    async def _deploy(self, name: str, folder: Path, progress: Progress) -> Deployment:
+    async def _deploy(
+        self, name: str, folder: Path, progress: Progress, engine: str, engine_options: dict
+    ) -> Deployment:
         if self._stop_deadline is not None:
             raise _host_stopping(name)
         started = time.monotonic()
         dep = await self._new_version(name, folder)
+        dep.engine, dep.engine_options = engine, engine_options
 
         def report(event: dict) -> None:
             dep.progress = event
@@ -201,7 +113,11 @@ class DeploymentManager:
         self.pending[name] = dep
         try:
             await self._unless_cancelled(dep, self._copy_files(dep, report))
-            await self._unless_cancelled(dep, self._start_worker(dep, report))
+            try:
+                await self._unless_cancelled(dep, self._start_worker(dep, report))
+            except BaseException:
+                await self._restore_serving(dep)
+                raise
             if dep.cancel_error is not None:  # cancelled as init() finished
                 await self._stop(dep, kill=True)
                 raise dep.cancel_error
@@ -262,26 +178,26 @@ class DeploymentManager:
             raise dep.cancel_error
         dep.files = await dep.copy_job.run()
 
-    def _worker_spec(self, dep: Deployment) -> ModelSpec:
-        return ModelSpec(
-            name=dep.name,
-            backend="deployment",
-            path=str(dep.folder),
-            source="deployment",
-            options={
-                "version": dep.version,
-                "model_json": dep.model_json,
-                "files_dir": str(dep.files_dir) if dep.files_dir else None,
-                "host_url": self.host_url,
-                "token": self.tokens.issue_deployment(dep.instance, dep.model_json.get("use_models")),
-            },
-        )
+    async def _worker_spec(self, dep: Deployment, report: Progress) -> ModelSpec:
+        options = {
+            "version": dep.version,
+            "model_json": dep.model_json,
+            "files_dir": str(dep.files_dir) if dep.files_dir else None,
+            "host_url": self.host_url,
+            "token": self.tokens.issue_deployment(dep.instance, dep.model_json.get("use_models")),
+        }
+        if dep.engine == "ray":
+            # The worker is the deployment's Ray driver; the replicas load model.py on the cluster.
+            options.update(dep.engine_options, ray_address=await self.ray.address(report), local_head=self.ray.owned)
+        backend = "ray_deployment" if dep.engine == "ray" else "deployment"
+        return ModelSpec(name=dep.name, backend=backend, path=str(dep.folder), source="deployment", options=options)
 
     async def _start_worker(self, dep: Deployment, report: Progress) -> None:
         """Start the worker and await the user's ``init()``; on any failure the worker ends."""
+        spec = await self._worker_spec(dep, report)
         self._seq += 1
         dep.worker = DeploymentWorker(
-            self._worker_spec(dep),
+            spec,
             self.registry.runtime_dir / f"d{self._seq}.sock",
             self.log_path(dep.name),
             on_exit=self._worker_exited,
@@ -306,6 +222,19 @@ class DeploymentManager:
                 exc.message = f"deploying {dep.name!r} failed: {exc.message}"
                 exc.args = (exc.message,)
             raise
+
+    async def _restore_serving(self, failed: Deployment) -> None:
+        """On Ray a redeploy rolls the serving version's replicas over; one that fails part way is rolled back."""
+        serving = self.deployments.get(failed.name)
+        if failed.engine != "ray" or serving is None or serving.engine != "ray" or serving.state != "ready":
+            return
+        if self._stop_deadline is not None:
+            return  # the host is stopping: the application goes with it
+        log.warning("the redeploy of %s failed: putting v%d back on every replica", failed.name, serving.version)
+        try:
+            await serving.worker.restore(self.settings.load_timeout)
+        except LlmNbError as exc:
+            log.error("putting %s v%d back failed: %s", failed.name, serving.version, exc.message)
 
     async def _switch_to(self, dep: Deployment) -> None:
         """Serve ``dep`` from now on; the version it replaces drains, then ends."""
@@ -369,7 +298,8 @@ class DeploymentManager:
             if kill:
                 await dep.worker.kill()
             else:
-                await dep.worker.stop(grace if grace is not None else max(self.settings.worker_grace, CLEANUP_GRACE_S))
+                grace = grace if grace is not None else max(self.settings.worker_grace, CLEANUP_GRACE_S)
+                await dep.worker.stop(grace, replaced=drain)
         for model_name, model in list(self.registry.models.items()):
             if dep.lease_client in model.leases:
                 try:
@@ -386,6 +316,27 @@ class DeploymentManager:
                 dep.failure = worker.crash_reason()
                 self.live.remove(dep)
                 log.warning("deployment %s failed: %s", dep.name, dep.failure)
+
+    async def _ray_cluster_lost(self, reason: str) -> None:
+        """The local Ray head ended under its deployments: they fail with the reason; the host serves on."""
+        for dep in [*self.deployments.values(), *self.pending.values()]:
+            if dep.engine == "ray" and dep.state in ("ready", "deploying"):
+                dep.state, dep.failure = "failed", reason
+                self.live.remove(dep)
+                if dep.worker is not None:
+                    await dep.worker.kill()
+
+    async def refresh(self) -> None:
+        """Ray deployments' live facts (replicas running, the application's status) from their drivers."""
+
+        async def one(dep: Deployment) -> None:
+            try:
+                dep.info = {**dep.info, **await asyncio.wait_for(dep.worker.info(), 2.0)}
+            except (LlmNbError, TimeoutError, OSError):
+                pass  # a driver that is busy or gone: the last facts stand, its exit is reported apart
+
+        ray_deps = [d for d in self.deployments.values() if d.engine == "ray" and d.worker and d.state == "ready"]
+        await asyncio.gather(*(one(d) for d in ray_deps))
 
     def stopping(self, deadline: float) -> None:
         """The host stops: deploys in progress are cancelled now; ``shutdown`` ends by ``deadline`` (monotonic)."""
@@ -410,6 +361,7 @@ class DeploymentManager:
                 if dep.worker is not None:
                     await dep.worker.kill()
         self.deployments.clear()
+        await self.ray.stop()  # a local head this host started ends with it
 
     # --- requests --------------------------------------------------------------------
     def get(self, name: str) -> Deployment:

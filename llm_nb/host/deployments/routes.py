@@ -15,6 +15,7 @@ from ..loaded import Lease
 from ..schemas import DeployRequest, UndeployRequest, UseModelRequest, parse
 from ..workers import tail
 from .manager import DeploymentManager
+from .versions import scoped_meta
 
 routes = web.RouteTableDef()
 
@@ -42,7 +43,9 @@ async def model_api(request: web.Request) -> web.Response:
         dep = manager.deployments.get(name)
         if dep is None:
             manager.get(name)  # the not-found error with its hint
-        return json_response(await asyncio.to_thread(dep.meta, manager.host_url))
+        await manager.refresh()
+        meta = await asyncio.to_thread(dep.meta, manager.host_url)
+        return json_response(meta if request[PRINCIPAL].kind == "key" else scoped_meta(meta))
     if request.can_read_body:
         payload = await read_json(request)
     else:  # a bare GET: the query string is the payload
@@ -53,7 +56,10 @@ async def model_api(request: web.Request) -> web.Response:
 @routes.get("/api/deployments")
 async def list_deployments(request: web.Request) -> web.Response:
     manager = manager_of(request)
-    return json_response({"deployments": await asyncio.to_thread(manager.status_json, request[PRINCIPAL].allows)})
+    await manager.refresh()
+    principal = request[PRINCIPAL]
+    listed = await asyncio.to_thread(manager.status_json, principal.allows)
+    return json_response({"deployments": listed if principal.kind == "key" else [scoped_meta(d) for d in listed]})
 
 
 @routes.post("/api/deployments/deploy")
@@ -64,7 +70,14 @@ async def deploy(request: web.Request) -> web.StreamResponse:
     events: asyncio.Queue = asyncio.Queue()
     started = time.monotonic()
     # The deploy is the manager's: a client that goes away does not leave half a deployment.
-    task = asyncio.ensure_future(manager.deploy(body.name, body.folder, events.put_nowait))
+    engine_options = {
+        "replicas": body.replicas,
+        "autoscaling": body.autoscaling,
+        "ray_actor_options": body.ray_actor_options,
+    }
+    task = asyncio.ensure_future(
+        manager.deploy(body.name, body.folder, events.put_nowait, engine=body.engine, engine_options=engine_options)
+    )
     # Its error is the client's; one that went away (or was cancelled) must not leave it unretrieved.
     task.add_done_callback(lambda t: t.cancelled() or t.exception())
 

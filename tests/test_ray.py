@@ -1,0 +1,280 @@
+"""engine="ray": the same model.py on Ray Serve replicas, on a real local Ray head that the host starts and owns."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+from llm_nb import consume
+from llm_nb.backends.ray_serve import app_name
+from llm_nb.errors import BackendUnavailable, InvalidRequest, LlmNbError
+
+from .conftest import start_host, wait_for
+from .test_deployments import ECHO, NEEDS_TRANSFORMERS, auth, make_deployment, practicus_pipeline_folder
+
+pytestmark = pytest.mark.ray
+
+# Pure-Python work (no sleeping, no GIL release): only more processes make it faster.
+BUSY = """
+import os, time
+
+def init(model_meta=None, *args, **kwargs):
+    global meta
+    meta = model_meta
+
+def predict(payload_dict: dict, **kwargs):
+    if payload_dict.get("exit"):
+        os._exit(1)
+    start, spins = time.perf_counter(), 0
+    while time.perf_counter() - start < float(payload_dict.get("seconds", 0.05)):
+        spins += 1
+    return {"pid": os.getpid(), "version": meta.version, "spins": spins}
+
+def cleanup(model_meta=None, *args, **kwargs):
+    with open(os.path.join(model_meta.folder, "cleaned-up"), "a") as f:
+        f.write(f"{os.getpid()}\\n")
+"""
+FIRE = {"concurrency": 4, "compare_sequential": False, "progress": False, "retries": 0, "timeout": 60}
+
+
+@pytest.fixture(scope="module")
+def ray_host(tmp_path_factory):
+    host = start_host(tmp_path_factory.mktemp("ray-host"))
+    yield host
+    host.stop()
+
+
+def meta_of(host, name: str) -> dict:
+    return requests.get(
+        f"{host.url}/models/{name}/", params={"get_meta": "true"}, headers=auth(host), timeout=30
+    ).json()
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def ray_processes(host) -> list[psutil.Process]:
+    """What the host started for Ray: the head's keeper and everything below it (GCS, raylet, replicas)."""
+    keepers = [p for p in descendants(host.process.pid) if "llm_nb.ray_head" in " ".join(p.cmdline())]
+    return [proc for keeper in keepers for proc in [keeper, *descendants(keeper.pid)]]
+
+
+def replica_processes(name: str) -> list[psutil.Process]:
+    marker = f"ServeReplica:{app_name(name)}:"
+    return [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+
+
+def all_gone(processes: list[psutil.Process]) -> bool:
+    return not [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_engine_ray_without_ray_installed_is_a_one_line_error_and_local_refuses_ray_options(host_factory, tmp_path):
+    fake = tmp_path / "no-ray"
+    (fake / "ray").mkdir(parents=True)
+    (fake / "ray" / "__init__.py").write_text("raise ImportError('this Python has no Ray')\n")
+    host = host_factory(PYTHONPATH=str(fake))
+    folder = make_deployment(tmp_path / "echo", ECHO)
+    with pytest.raises(BackendUnavailable) as missing:
+        host.client().deploy("echo", folder, engine="ray")
+    assert "pip install 'llm-nb[ray]'" in str(missing.value) and "\n" not in missing.value.message
+    with pytest.raises(InvalidRequest, match="replicas apply to engine='ray' only"):
+        host.client().deploy("echo", folder, replicas=2)
+    assert host.client().deploy("echo", folder)["deployment"]["engine"] == "local"  # the host is fine
+
+
+@pytest.mark.slow
+def test_two_replicas_serve_a_cpu_bound_model_py_faster_and_a_redeploy_rolls_without_errors(ray_host, tmp_path):
+    client = ray_host.client()
+    folder = make_deployment(tmp_path / "busy", BUSY)
+    url = f"{ray_host.url}/models/busy/"
+    try:
+        client.deploy("busy", folder, engine="ray", replicas=1)
+        token = consume.get_session_token(url, ray_host.key)
+        meta = consume.get_meta(url, token)
+        assert meta["engine"] == "ray" and meta["replicas"] == {"target": 1, "running": 1}
+        assert meta["ray"]["status"] == "RUNNING" and meta["ray"]["local_head"] is True
+        prompts = [f"prompt {i}" for i in range(16)]
+        one = consume.fire(url, prompts, token=token, params={"seconds": 0.05}, **FIRE)
+        assert one.summary["errors"] == 0
+
+        # A redeploy with two replicas while a run is in flight: the version that serves keeps serving.
+        during: dict = {}
+        runner = threading.Thread(
+            target=lambda: during.update(report=consume.fire(url, prompts * 2, token=token, **FIRE))
+        )
+        runner.start()
+        client.deploy("busy", folder, engine="ray", replicas=2)
+        runner.join(120)
+        assert during["report"].summary["errors"] == 0, [r.error for r in during["report"].errors]
+        meta = consume.get_meta(url, token)
+        assert meta["version"] == 2 and meta["replicas"] == {"target": 2, "running": 2}
+
+        two = consume.fire(url, prompts, token=token, params={"seconds": 0.05}, **FIRE)
+        assert two.summary["errors"] == 0
+        assert len({json.loads(r.text)["pid"] for r in two.results}) == 2, "both replicas served"
+        speedup = two.summary["requests_per_s"] / one.summary["requests_per_s"]
+        print(
+            f"ray 1 replica {one.summary['requests_per_s']:.1f} req/s, 2 replicas "
+            f"{two.summary['requests_per_s']:.1f} req/s: {speedup:.2f}x"
+        )
+        assert speedup >= 1.5, (one.summary, two.summary)
+    finally:
+        client.undeploy("busy")
+    cleaned = (folder / "cleaned-up").read_text().split()
+    assert len(cleaned) >= 3, "cleanup() ran on every replica: the one replaced by the redeploy, then both"
+
+
+@pytest.mark.slow
+def test_a_killed_replica_fails_only_its_requests_and_ray_replaces_it(ray_host, tmp_path):
+    client = ray_host.client()
+    folder = make_deployment(tmp_path / "victim", BUSY)
+    url = f"{ray_host.url}/models/victim/"
+    client.deploy("victim", folder, engine="ray", replicas=2)
+    try:
+        token = consume.get_session_token(url, ray_host.key)
+        pids = {consume.predict(url, {"seconds": 0.01}, token)["pid"] for _ in range(8)}
+        assert len(pids) == 2
+        outcome: dict = {}
+
+        def run() -> None:
+            prompts = [f"prompt {i}" for i in range(40)]
+            outcome["report"] = consume.fire(url, prompts, token=token, params={"seconds": 0.1}, **FIRE)
+
+        runner = threading.Thread(target=run)
+        started = time.monotonic()
+        runner.start()
+        wait_for(lambda: meta_of(ray_host, "victim")["requests_served"] >= 10, 60, message="the run under way")
+        os.kill(min(pids), signal.SIGKILL)
+        runner.join(FIRE["timeout"] + 30)
+        assert not runner.is_alive(), "the run hung"
+        report = outcome["report"]
+        print(
+            f"killed a replica mid-run: {report.summary['errors']} of 40 failed in {time.monotonic() - started:.1f} s"
+        )
+        assert 1 <= report.summary["errors"] <= 2, "only what the dead replica held fails"
+        assert all("replica" in r.error and "died" in r.error for r in report.errors), report.errors[0].error
+        wait_for(lambda: meta_of(ray_host, "victim")["replicas"]["running"] == 2, 90, message="Ray replaced it")
+        assert consume.predict(url, {"seconds": 0.01}, token)["pid"] not in {min(pids)} | {None}
+    finally:
+        client.undeploy("victim")
+
+
+@pytest.mark.slow
+@NEEDS_TRANSFORMERS
+def test_the_practicus_sample_folder_deploys_on_ray_unchanged(ray_host, tmp_path):
+    folder = practicus_pipeline_folder(tmp_path)
+    client = ray_host.client()
+    client.deploy("pipeline", folder, engine="ray")
+    try:
+        answer = requests.post(
+            f"{ray_host.url}/models/pipeline/", json={"user_prompt": "hello"}, headers=auth(ray_host), timeout=120
+        ).json()
+        assert answer["answer"].startswith("Time:") and "generated_text" in answer["answer"]
+        assert meta_of(ray_host, "pipeline")["engine"] == "ray"
+    finally:
+        client.undeploy("pipeline")
+
+
+@pytest.mark.slow
+def test_a_lost_cluster_fails_its_deployment_the_host_serves_on_and_stop_leaves_no_ray_process(host_factory, tmp_path):
+    host = host_factory()
+    client = host.client()
+    client.deploy("on-ray", make_deployment(tmp_path / "on-ray", BUSY), engine="ray")
+    client.deploy("local", make_deployment(tmp_path / "local", ECHO))
+    head = ray_processes(host)
+    assert len(head) > 3, "the keeper, GCS, raylet and a replica at least"
+    for proc in head:  # the cluster goes away under the host
+        proc.kill()
+    wait_for(lambda: meta_of(host, "on-ray")["state"] == "failed", 30, message="the deployment marked failed")
+    meta = meta_of(host, "on-ray")
+    assert "Ray head ended" in meta["failure"]
+    answer = requests.post(f"{host.url}/models/on-ray/", json={}, headers=auth(host), timeout=30)
+    assert answer.status_code == 502 and "Ray head ended" in answer.json()["error"]["message"]
+    assert requests.post(f"{host.url}/models/local/", json={"x": 1}, headers=auth(host), timeout=30).ok
+
+    # Deploying again starts a fresh head; `llm-nb stop` then ends every process of it.
+    client.deploy("on-ray", tmp_path / "on-ray", engine="ray")
+    assert client.deployments()[0]["state"] == "ready"
+    head = ray_processes(host)
+    stopped = time.monotonic()
+    subprocess.run([sys.executable, "-m", "llm_nb.cli", "stop"], env=host.env, check=True, timeout=30)
+    wait_for(lambda: all_gone(head), 10, message="no Ray process left 10 s after llm-nb stop")
+    print(f"llm-nb stop: {len(head)} Ray processes gone in {time.monotonic() - stopped:.1f} s")
+    assert (tmp_path / "on-ray" / "cleaned-up").exists(), "cleanup() ran before the head went"
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_host_leaves_no_ray_process(host_factory, tmp_path):
+    host = host_factory()
+    host.client().deploy("orphan", make_deployment(tmp_path / "orphan", BUSY), engine="ray")
+    head = ray_processes(host)
+    killed = time.monotonic()
+    host.process.kill()
+    wait_for(lambda: all_gone(head), 10, message="no Ray process left 10 s after kill -9 of the host")
+    print(f"kill -9: {len(head)} Ray processes gone in {time.monotonic() - killed:.1f} s")
+    assert not Path(f"/tmp/llmnb-ray-{os.getuid()}-{host.process.pid}").exists(), "its temp dir went too"
+
+
+def test_ray_options_are_checked_before_anything_starts(ray_host, tmp_path):
+    client = ray_host.client()
+    folder = make_deployment(tmp_path / "checked", ECHO)
+    with pytest.raises(InvalidRequest, match="replicas or autoscaling, not both"):
+        client.deploy("checked", folder, engine="ray", replicas=2, autoscaling={"min_replicas": 1, "max_replicas": 2})
+    with pytest.raises(LlmNbError, match="greater than or equal to 1"):
+        client.deploy("checked", folder, engine="ray", replicas=0)
+    with pytest.raises(LlmNbError, match="engine"):
+        client.deploy("checked", folder, engine="kubernetes")
+
+
+BROKEN_INIT = """
+def init(model_meta=None, *args, **kwargs):
+    raise RuntimeError("the weights are missing")
+
+def predict(payload_dict: dict, **kwargs):
+    return {"never": True}
+"""
+
+
+@pytest.mark.slow
+def test_a_failed_init_on_ray_says_why_and_a_failed_redeploy_leaves_the_serving_version(ray_host, tmp_path):
+    client = ray_host.client()
+    broken = make_deployment(tmp_path / "broken", BROKEN_INIT)
+    with pytest.raises(LlmNbError, match="RuntimeError: the weights are missing"):
+        client.deploy("broken", broken, engine="ray")
+    assert "broken" not in [d["name"] for d in client.deployments()]
+    wait_for(lambda: not replica_processes("broken"), 15, message="the failed application deleted, not retried")
+
+    folder = make_deployment(tmp_path / "steady", BUSY)
+    deployed = subprocess.run(
+        [sys.executable, "-m", "llm_nb.cli", "deploy", "steady", str(folder), "--engine", "ray", "--replicas", "2"],
+        env=dict(ray_host.env, LLM_NB_CONNECTION=str(ray_host.connection_file)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert deployed.returncode == 0 and "on Ray (2 of 2 replicas)" in deployed.stdout, deployed.stderr
+    try:
+        url = f"{ray_host.url}/models/steady/"
+        with pytest.raises(LlmNbError, match="the weights are missing"):
+            client.deploy("steady", broken, engine="ray", replicas=2)
+        meta = meta_of(ray_host, "steady")  # put back: both replicas of version 1 again
+        assert meta["version"] == 1 and meta["replicas"] == {"target": 2, "running": 2}, meta
+        assert meta["ray"]["status"] == "RUNNING"
+        answers = [requests.post(url, json={"seconds": 0.01}, headers=auth(ray_host), timeout=60) for _ in range(6)]
+        assert [a.status_code for a in answers] == [200] * 6 and {a.json()["version"] for a in answers} == {1}
+    finally:
+        client.undeploy("steady")
