@@ -11,7 +11,7 @@ from datetime import datetime
 
 from .config import format_bytes
 
-__all__ = ["LoadResult", "Status", "Undeployed", "UnloadResult"]
+__all__ = ["LoadResult", "Status", "Undeployed", "UnloadResult", "deployment_cells"]
 
 
 def _md_cell(text: str) -> str:
@@ -27,6 +27,30 @@ def _until(model: dict, none: str) -> str:
     if model.get("expires_at"):
         return _clock(model["expires_at"])
     return "forever" if model.get("keep_alive", 0) < 0 and not model["leases"] else none
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+
+
+DEPLOYMENT_COLUMNS = ("DEPLOYMENT", "VERSION", "ENGINE", "REPLICAS", "MEMORY", "STATE", "SERVED")
+
+
+def deployment_cells(dep: dict) -> tuple[str, ...]:
+    """One deployment as ``DEPLOYMENT_COLUMNS`` show it: replicas running/target, memory only where measured."""
+    replicas = dep.get("replicas") or {}
+    target = replicas.get("target")
+    memory = dep.get("rss_bytes")  # 0 or None: not measured (a Ray cluster's replicas, a worker not up yet)
+    return (
+        dep["name"],
+        f"v{dep['version']}",
+        dep.get("engine") or "local",
+        f"{replicas.get('running', 0)}/{'auto' if target is None else target}",
+        format_bytes(memory) if memory else "-",
+        dep["state"],
+        str(dep.get("requests_served", 0)),
+    )
 
 
 class _Lines(dict):
@@ -110,10 +134,21 @@ class LoadResult(dict):
 
 
 class Status(dict):
-    """The host's status (``/api/status``), shown as a table."""
+    """The host's status (``/api/status``), shown as a table of models, then one of deployments."""
+
+    @property
+    def deployments(self) -> list[dict]:
+        return self.get("deployments") or []  # a host from before deployments sends none
+
+    def _failures(self) -> list[tuple[str, str]]:
+        return [
+            (item["name"], item["failure"])
+            for item in [*self.get("models", []), *self.deployments]
+            if item.get("failure")
+        ]
 
     def to_text(self) -> str:
-        """A fixed-width table, as ``llm-nb ps`` prints it."""
+        """Fixed-width tables, as ``llm-nb ps`` prints them."""
         rows = [("NAME", "BACKEND", "DEVICE", "STATE", "MEMORY", "HELD BY", "IN FLIGHT", "SERVED", "UNTIL")]
         for m in self.get("models", []):
             holders = ", ".join(lease["name"] for lease in m.get("leases") or []) or "-"  # a token sees none
@@ -130,13 +165,14 @@ class Status(dict):
                     _until(m, "-"),
                 )
             )
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+        lines = _table(rows)
+        if self.deployments:
+            lines += ["", *_table([DEPLOYMENT_COLUMNS, *map(deployment_cells, self.deployments)])]
         lines.append(
             f"budget: {format_bytes(self.get('used_bytes', 0))} of {format_bytes(self.get('budget_bytes'))} "
             f"({str(self.get('budget_kind', 'ram')).upper()}) used · host pid {self.get('pid')} at {self.get('url')}"
         )
-        lines += [f"{m['name']} failed: {m['failure']}" for m in self.get("models", []) if m.get("failure")]
+        lines += [f"{name} failed: {failure}" for name, failure in self._failures()]
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -152,15 +188,16 @@ class Status(dict):
             )
         if not self.get("models"):
             rows = ["*no models loaded*"]
+        if self.deployments:
+            rows += ["", "| " + " | ".join(c.lower() for c in DEPLOYMENT_COLUMNS) + " |", "|---" * 7 + "|"]
+            rows += ["| " + " | ".join(map(_md_cell, deployment_cells(d))) + " |" for d in self.deployments]
         used, budget = self.get("used_bytes", 0), self.get("budget_bytes") or 1
         rows.append("")
         rows.append(
             f"budget: **{format_bytes(used)}** of {format_bytes(budget)} {str(self.get('budget_kind', 'ram')).upper()} "
             f"({100 * used / budget:.0f} %) · host pid {self.get('pid')} at {self.get('url')}"
         )
-        for m in self.get("models", []):
-            if m.get("failure"):
-                rows.append(f"\n**{_md_cell(m['name'])} failed:** {_md_cell(m['failure'])}")
+        rows += [f"\n**{_md_cell(name)} failed:** {_md_cell(failure)}" for name, failure in self._failures()]
         return "\n".join(rows)
 
     def _repr_markdown_(self) -> str:
@@ -171,3 +208,6 @@ class Status(dict):
 
     def model(self, name: str) -> dict | None:
         return next((m for m in self.get("models", []) if m["name"] == name), None)
+
+    def deployment(self, name: str) -> dict | None:
+        return next((d for d in self.deployments if d["name"] == name), None)

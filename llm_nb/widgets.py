@@ -1,7 +1,8 @@
 """The ipywidgets panel (``%llm_panel``, ``llm_nb.panel()``) for any front end: Lab, classic, VS Code.
 
 Live status (a background thread polls the host and stops when the panel is
-closed), a memory bar against the host's budget, load and unload controls, and a
+closed), a memory bar against the host's budget, load and unload controls, the
+deployments with an Undeploy button that asks to be clicked twice, and a
 small chat box that streams into the same conversation as ``%%llm_chat``; its
 "JSON reply" box asks for a JSON object, or JSON valid against the schema typed
 under it.
@@ -26,6 +27,7 @@ from .api import ChatReply, Session, Status
 from .config import DEFAULT_MODEL, format_bytes
 from .display import one_line
 from .errors import InvalidRequest, LlmNbError
+from .results import deployment_cells
 
 _live_panels: weakref.WeakSet[Panel] = weakref.WeakSet()
 
@@ -40,6 +42,7 @@ class Panel(w.VBox):
         self.polls = 0
         self.last_status: Status | None = None
         self._stop = threading.Event()
+        self._rows_lock = threading.Lock()  # polls, actions and close() all touch the deployment rows
         self._chat_stop = threading.Event()
         self._reply: ChatReply | None = None
         self._poll_client = None
@@ -49,6 +52,9 @@ class Panel(w.VBox):
         self.memory = w.FloatProgress(value=0, min=0, max=1, description="memory", bar_style="success")
         self.memory_label = w.Label("")
         self.models = w.HTML("")
+        self.deployments_title = w.HTML("")
+        self.deployments = w.VBox([])  # a DeploymentRow per deployment, kept across polls
+        self.deployment_rows: dict[str, DeploymentRow] = {}
         self.model_box = w.Combobox(
             value=session.current_model(),
             options=[DEFAULT_MODEL],
@@ -91,6 +97,8 @@ class Panel(w.VBox):
                 self.host_notice,
                 w.HBox([self.memory, self.memory_label]),
                 self.models,
+                self.deployments_title,
+                self.deployments,
                 w.HBox([self.model_box, self.load_button, self.unload_button, self.force, self.close_button]),
                 self.message,
                 self.prompt,
@@ -113,7 +121,8 @@ class Panel(w.VBox):
         return self._poller.is_alive()
 
     def close(self) -> None:
-        self._stop.set()
+        with self._rows_lock:  # a poll in progress must not add a row after this
+            self._stop.set()
         self._chat_stop.set()
         _live_panels.discard(self)
         _close_tree(self)
@@ -212,6 +221,24 @@ class Panel(w.VBox):
             )
         else:
             self.models.value = "<i>no models loaded</i>"
+        self._render_deployments(status.deployments)
+
+    def _render_deployments(self, deployments: list[dict]) -> None:
+        """Update the rows in place: a row being confirmed must survive the next poll."""
+        with self._rows_lock:
+            if self._stop.is_set():
+                return
+            for name in set(self.deployment_rows) - {d["name"] for d in deployments}:
+                _close_tree(self.deployment_rows.pop(name))
+            for dep in deployments:
+                row = self.deployment_rows.get(dep["name"])
+                if row is None:
+                    row = self.deployment_rows[dep["name"]] = DeploymentRow(dep["name"], self._undeploy)
+                row.show(dep)
+            rows = tuple(self.deployment_rows[d["name"]] for d in deployments)
+            if rows != self.deployments.children:
+                self.deployments.children = rows
+            self.deployments_title.value = "<b>deployments</b>" if rows else ""
 
     # --- actions -------------------------------------------------------------------------
     def _selected(self) -> str:
@@ -237,6 +264,16 @@ class Panel(w.VBox):
         model = self._selected()
         self._say(str(self.session.unload(model, force=self.force.value)))
         self._refresh_quietly()
+
+    def _undeploy(self, row: DeploymentRow) -> None:
+        def run() -> None:
+            try:
+                self._say(str(self.session.undeploy(row.deployment)))
+            finally:
+                row.undeploy_button.disabled = False  # for a refused undeploy; a done one's row goes
+                self._refresh_quietly()
+
+        self._in_thread(run)
 
     def _refresh_quietly(self) -> None:
         try:
@@ -295,6 +332,48 @@ class Panel(w.VBox):
 
     def _show_reply(self, text: str) -> None:
         self.reply.value = f'<div style="white-space: pre-wrap">{html.escape(text)}</div>'
+
+
+class DeploymentRow(w.HBox):
+    """One deployment: its facts, and Undeploy, which a second click confirms (Cancel disarms it)."""
+
+    def __init__(self, deployment: str, undeploy):
+        self.deployment = deployment
+        self._undeploy = undeploy
+        self.facts = w.HTML("")
+        self.undeploy_button = w.Button(
+            description="Undeploy", icon="trash", tooltip=f"undeploy {deployment} (asks first)"
+        )
+        self.cancel_button = w.Button(description="Cancel", layout=w.Layout(display="none"))
+        self.undeploy_button.on_click(lambda _: self._clicked())
+        self.cancel_button.on_click(lambda _: self.disarm())
+        super().__init__([self.facts, self.undeploy_button, self.cancel_button])
+
+    @property
+    def armed(self) -> bool:
+        return self.cancel_button.layout.display != "none"
+
+    def show(self, dep: dict) -> None:
+        name, version, engine, replicas, memory, state, served = map(html.escape, deployment_cells(dep))
+        facts = f"<b>{name}</b> {version} · {engine} · replicas {replicas} · {memory} · {state} · {served} served"
+        if dep.get("failure"):
+            facts += f' · <span style="color:var(--jp-error-color1, #c00)">{html.escape(dep["failure"])}</span>'
+        self.facts.value = facts
+
+    def _clicked(self) -> None:
+        if not self.armed:
+            self.undeploy_button.description = f"Confirm: undeploy {self.deployment}"
+            self.undeploy_button.button_style = "danger"
+            self.cancel_button.layout.display = None
+            return
+        self.disarm()
+        self.undeploy_button.disabled = True  # while the host undeploys it
+        self._undeploy(self)
+
+    def disarm(self) -> None:
+        self.undeploy_button.description = "Undeploy"
+        self.undeploy_button.button_style = ""
+        self.cancel_button.layout.display = "none"
 
 
 def _close_tree(widget: w.Widget) -> None:

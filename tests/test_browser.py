@@ -3,7 +3,9 @@
 A notebook loads a model with the magics; the panel shows it with that
 notebook as holder; the playground streams a reply; a force-unload from the
 panel (after its confirmation) makes the notebook's next ``%%llm_chat`` say
-that the model is gone. Screenshots of the panel go to ``.artifacts/``.
+that the model is gone. A deployment shows in a section of its own and is
+undeployed from there, after its confirmation. Screenshots of the panel go to
+``.artifacts/``.
 
 Needs ``apt-get install chromium`` and ``pip install playwright`` (never
 ``playwright install``: the browser is Debian's).
@@ -293,15 +295,71 @@ def test_panel_loads_and_unloads_by_itself_in_the_dark_theme(lab, browser):
         page.close()
 
 
+def test_panel_lists_a_deployment_and_undeploys_it_after_confirming(lab, browser, tmp_path):
+    from llm_nb.client import Client
+
+    from .test_deployments import make_deployment
+
+    api = lab.api()
+    api.post(lab.llm("host"), json={"action": "start"}, timeout=60).raise_for_status()
+    host = Client(lab.runtime_dir / f"llm-nb-host-{lab.process.pid}.json", autostart=False)
+    host.deploy("panel-echo", make_deployment(tmp_path / "panel-echo"))
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.set_default_timeout(UI_S)
+    try:
+        # A request through the server's route to the deployment: the panel counts it.
+        served = api.post(f"{lab.url}/llm-nb/models/panel-echo/", json={"user_prompt": "hi"}, timeout=30)
+        assert served.status_code == 200 and served.json()["echo"] == {"user_prompt": "hi"}
+
+        page.goto(f"{lab.url}/lab?token={lab.token}")
+        panel = show_panel(page)
+        section = panel.locator("section[aria-label='Deployments']")
+        card = section.locator('.jp-LlmNb-deployment[data-deployment="panel-echo"]')
+        card.locator(".jp-LlmNb-served", has_text="1 served").wait_for()
+        assert card.locator(".jp-LlmNb-state").inner_text() == "ready"
+        assert card.locator(".jp-LlmNb-engine").inner_text() == "local"
+        facts = card.locator(".jp-LlmNb-modelFacts").inner_text()
+        assert "v1" in facts and "1/1 replicas" in facts and "MiB" in facts, facts
+        shoot(panel, "panel-deployment.png")
+
+        # Undeploy asks first; Cancel leaves it serving.
+        card.locator("button", has_text="Undeploy").click()
+        dialog = page.locator(".jp-Dialog")
+        dialog.wait_for()
+        assert "Undeploy panel-echo?" in dialog.inner_text()
+        shoot(page, "panel-undeploy-dialog.png")
+        dialog.locator("button", has_text="Cancel").click()
+        dialog.wait_for(state="detached")
+        assert [d["name"] for d in host.deployments()] == ["panel-echo"]
+
+        card.locator("button", has_text="Undeploy").click()
+        dialog.locator("button", has_text="Undeploy").click()
+        card.wait_for(state="detached", timeout=MODEL_S)
+        section.locator(".jp-LlmNb-note", has_text="Nothing is deployed").wait_for()
+        assert host.deployments() == []
+        assert api.get(lab.llm("deployments"), timeout=30).json()["deployments"] == []
+        gone = api.post(f"{lab.url}/llm-nb/models/panel-echo/", json={}, timeout=30)
+        assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+    except AssertionError:
+        print(f"--- end of {lab.log_path.name}:\n{lab.log()[-4000:]}")
+        raise
+    finally:
+        page.close()
+        if host.deployments():
+            host.undeploy("panel-echo")
+
+
 def test_the_panel_api_refuses_a_browser_without_the_token(lab, browser):
     # A fresh browser context has no login cookie: the same routes the panel uses are refused.
     context = browser.new_context()
     try:
-        for path in ("status", "events", "catalog", "host"):
+        for path in ("status", "events", "catalog", "host", "deployments"):
             response = context.request.get(lab.llm(path))
             assert response.status == 403, path
         posted = context.request.post(lab.llm("models/load"), data={"model": "smollm2"})
         assert posted.status == 403
+        assert context.request.post(lab.llm("deployments/undeploy"), data={"name": "x"}).status == 403
+        assert context.request.post(f"{lab.url}/llm-nb/models/x/", data={}).status == 403
     finally:
         context.close()
     assert requests.get(lab.llm("status"), timeout=10).status_code == 403

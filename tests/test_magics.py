@@ -378,3 +378,41 @@ def test_panel_polls_status_loads_chats_and_stops_when_closed(shared_host):
         panel.close()
     # Closing gives back every widget it made, layouts and styles included.
     assert set(registered_widgets) - before == set()
+
+
+def test_panel_lists_deployments_and_undeploys_on_a_confirmed_second_click(shared_host, tmp_path):
+    from ipywidgets.widgets.widget import _instances as registered_widgets
+
+    from llm_nb.widgets import Panel
+
+    from .test_deployments import make_deployment
+
+    client = shared_host.client()
+    client.deploy("panel-echo", make_deployment(tmp_path / "panel-echo"))
+    before = set(registered_widgets)
+    panel = Panel(notebook_session(shared_host.connection_file), interval=0.2)
+    try:
+        wait_for(lambda: "panel-echo" in panel.deployment_rows, 20, 0.05, "the deployment's row")
+        row = panel.deployment_rows["panel-echo"]
+        assert "deployments" in panel.deployments_title.value
+        for fact in ("<b>panel-echo</b> v1", "local", "replicas 1/1", "MiB", "ready", "0 served"):
+            assert fact in row.facts.value, row.facts.value
+
+        row.undeploy_button.click()  # the first click only asks
+        assert row.armed and "Confirm" in row.undeploy_button.description
+        polls = panel.polls
+        wait_for(lambda: panel.polls >= polls + 2, 10, 0.05, "two more polls")
+        assert panel.deployment_rows["panel-echo"] is row and row.armed, "a poll keeps the question open"
+        row.cancel_button.click()
+        assert not row.armed and client.deployments() != []
+
+        row.undeploy_button.click()
+        row.undeploy_button.click()
+        wait_for(lambda: "panel-echo" not in panel.deployment_rows, 30, 0.1, "the row to go")
+        assert client.deployments() == [] and "undeployed v1" in panel.message.value
+        assert panel.deployments.children == () and panel.deployments_title.value == ""
+    finally:
+        panel.close()
+        if client.deployments():
+            client.undeploy("panel-echo")
+    assert set(registered_widgets) - before == set()

@@ -38,6 +38,8 @@ ROUTES = [
     ("GET", "host"),
     ("POST", "host"),
     ("GET", "host/log"),
+    ("GET", "deployments"),
+    ("POST", "deployments/undeploy"),
 ]
 
 
@@ -133,6 +135,9 @@ def test_every_route_refuses_requests_without_the_token(jserver):
             response = requests.request(method, jserver.llm(path), headers=headers, json={}, timeout=10)
             assert response.status_code == 403, (method, path, headers, response.status_code)
             assert "key" not in response.text
+    for method in ("GET", "POST"):  # a deployment's API, which the server passes on to the host
+        response = requests.request(method, f"{jserver.url}/llm-nb/models/echo/", json={}, timeout=10)
+        assert response.status_code == 403, method
 
 
 def test_posts_need_the_xsrf_token_when_authenticated_by_cookie(jserver):
@@ -301,6 +306,43 @@ def test_panel_loads_chats_with_a_stream_and_unloads(jserver):
     assert versions == sorted(versions)
 
 
+def test_deployments_are_listed_called_and_undeployed_through_the_server(jserver, tmp_path):
+    from llm_nb.client import Client
+
+    from .test_deployments import make_deployment
+
+    api = jserver.api()
+    api.post(jserver.llm("host"), json={"action": "start"}, timeout=60).raise_for_status()
+    host = Client(connection_file_of(jserver), autostart=False)
+    host.deploy("proxied", make_deployment(tmp_path / "proxied"))
+    try:
+        listed = api.get(jserver.llm("deployments"), timeout=30).json()["deployments"]
+        assert [d["name"] for d in listed] == ["proxied"]
+        wait_until(
+            lambda: [d["name"] for d in jserver.snapshot()["deployments"]] == ["proxied"], 10, message="the snapshot"
+        )
+        url = f"{jserver.url}/llm-nb/models/proxied/"
+        posted = api.post(url, json={"user_prompt": "hi"}, timeout=30)
+        assert posted.status_code == 200 and posted.json()["echo"] == {"user_prompt": "hi"}
+        # By GET the query string is the payload; Jupyter's token in it is not passed on.
+        by_query = requests.get(url.rstrip("/"), params={"q": "1", "token": jserver.token}, timeout=30)
+        assert by_query.status_code == 200 and by_query.json()["echo"] == {"q": "1"}
+        meta = api.get(url, params={"get_meta": "true"}, timeout=30).json()
+        assert (meta["name"], meta["requests_served"]) == ("proxied", 2)
+        missing = api.post(f"{jserver.url}/llm-nb/models/nothing/", json={}, timeout=30)
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+        undone = api.post(jserver.llm("deployments/undeploy"), json={"name": "proxied"}, timeout=60)
+        assert undone.status_code == 200 and undone.json()["requests_served"] == 2
+        assert host.deployments() == []
+        wait_until(lambda: jserver.snapshot()["deployments"] == [], 10, message="the snapshot without it")
+        again = api.post(jserver.llm("deployments/undeploy"), json={"name": "proxied"}, timeout=60)
+        assert again.status_code == 404 and "no deployment 'proxied'" in again.json()["error"]["message"]
+    finally:
+        if host.deployments():
+            host.undeploy("proxied")
+
+
 def test_a_crashed_host_is_restarted_and_the_panel_is_told(jserver):
     api = jserver.api()
     api.post(jserver.llm("host"), json={"action": "start"}, timeout=60).raise_for_status()
@@ -360,11 +402,18 @@ def test_settings_come_from_config_and_env_and_the_host_stops_with_the_server(tm
 
 
 def test_the_host_dies_with_a_killed_server(tmp_path):
-    server = start_jupyter(tmp_path, "server", env_extra={"LLM_NB_START_POLICY": "startup"})
+    server = start_jupyter(
+        tmp_path,
+        "server",
+        "--LlmNbExtension.ray_address=10.9.8.7:6379",
+        env_extra={"LLM_NB_START_POLICY": "startup"},
+    )
     try:
         host = wait_until(
             lambda: (h := server.snapshot()["host"])["state"] == "running" and h, 30, message="host at start-up"
         )
+        # The trait reaches the host: its engine="ray" deployments go to that cluster.
+        assert psutil.Process(host["pid"]).environ()["LLM_NB_RAY_ADDRESS"] == "10.9.8.7:6379"
         server.process.kill()  # no stop_extension: the host must notice by itself
         server.process.wait(10)
         wait_until(lambda: not psutil.pid_exists(host["pid"]), 15, message="the orphaned host to stop")

@@ -84,6 +84,42 @@ def test_a_token_sees_its_models_in_status_and_catalog_but_not_the_host(deployed
     assert whole["pid"] == host.process.pid and whole["models"][0]["path"] == smollm2_path()
 
 
+def test_a_token_sees_its_deployments_in_status_without_paths_or_pids(deployed, tmp_path):
+    host = deployed
+    token = host.client().session_token(["echo"])["token"]
+    status = requests.get(f"{host.url}/api/status", headers=bearer(token), timeout=30).json()
+    (echo,) = status["deployments"]
+    assert set(echo) == {
+        "name",
+        "version",
+        "engine",
+        "replicas",
+        "state",
+        "created",
+        "requests_served",
+        "errors",
+        "in_flight",
+        "waiting",
+        "max_concurrency",
+        "rss_bytes",
+    }
+    assert (echo["name"], echo["engine"], echo["state"], echo["replicas"]) == (
+        "echo",
+        "local",
+        "ready",
+        {"target": 1, "running": 1},
+    )
+    assert str(tmp_path) not in json.dumps(status) and host.url not in json.dumps(status)
+    # The deployments' own routes show a token the same view.
+    listed = requests.get(f"{host.url}/api/deployments", headers=bearer(token), timeout=30).json()["deployments"]
+    meta = requests.get(f"{host.url}/models/echo/?get_meta=true", headers=bearer(token), timeout=30).json()
+    assert [set(d) for d in listed] == [set(echo)]
+    assert set(meta) == set(echo) and str(tmp_path) not in json.dumps([listed, meta])
+    everything = host.client().status()["deployments"]
+    assert [d["name"] for d in everything] == ["echo", "other"]
+    assert {"folder", "files_dir", "worker_pid", "log_file", "api_url"} <= set(everything[0])
+
+
 def test_tokens_open_no_admin_route_and_cannot_mint_tokens(deployed, tmp_path):
     host = deployed
     token = host.client().session_token(["*"])["token"]

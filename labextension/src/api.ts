@@ -41,6 +41,27 @@ export interface IModelStatus {
   info: { [key: string]: unknown };
 }
 
+export type DeploymentState = 'deploying' | 'ready' | 'failed' | 'undeploying';
+
+/** A folder with model.py that the host serves at `/models/<name>/`. */
+export interface IDeploymentStatus {
+  name: string;
+  version: number;
+  engine: 'local' | 'ray';
+  /** `target` is null while Ray autoscales. */
+  replicas: { target: number | null; running: number };
+  state: DeploymentState;
+  requests_served: number;
+  errors: number;
+  in_flight: number;
+  waiting: number;
+  /** 0 or null where nobody measured it (replicas on a Ray cluster). */
+  rss_bytes: number | null;
+  failure: string | null;
+  folder: string;
+  api_url: string;
+}
+
 export type HostState =
   'stopped' | 'starting' | 'running' | 'restarting' | 'failed' | 'stopping';
 
@@ -68,6 +89,7 @@ export interface ISnapshot {
   server: { version: string; start_policy: string };
   host: IHostStatus;
   models: IModelStatus[];
+  deployments: IDeploymentStatus[];
   budget_bytes: number | null;
   budget_kind: 'gpu' | 'ram' | null;
   used_bytes: number | null;

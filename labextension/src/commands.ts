@@ -13,7 +13,7 @@ import {
 import { ReadonlyJSONObject } from '@lumino/coreutils';
 import { Widget } from '@lumino/widgets';
 
-import { ILoadRequest, LlmNbError } from './api';
+import { IDeploymentStatus, ILoadRequest, LlmNbError } from './api';
 import { llmIcon } from './icons';
 import { LlmModel } from './model';
 import { formatBytes } from './format';
@@ -24,6 +24,7 @@ export namespace CommandIDs {
   export const unloadModel = 'llm-nb:unload-model';
   export const forceUnloadModel = 'llm-nb:force-unload-model';
   export const showModelLog = 'llm-nb:show-model-log';
+  export const undeploy = 'llm-nb:undeploy';
   export const restartHost = 'llm-nb:restart-host';
   export const showHostLog = 'llm-nb:show-host-log';
 }
@@ -83,6 +84,18 @@ async function pickModel(
   }
   const result = await InputDialog.getItem({ title, items: names });
   return result.button.accept ? result.value : null;
+}
+
+/** What an undeploy ends, for its confirmation. */
+function undeployQuestion(
+  name: string,
+  deployment: IDeploymentStatus | undefined
+): string {
+  const who = deployment ? `Version ${deployment.version}` : 'It';
+  const waits = deployment?.in_flight
+    ? ` once its ${deployment.in_flight} requests in flight finish`
+    : '';
+  return `${who} stops serving /models/${name}/${waits}: its cleanup() runs and its worker ends. Calls to it fail until it is deployed again.`;
 }
 
 function showText(
@@ -229,6 +242,49 @@ export function addCommands(
     }
   });
 
+  commands.addCommand(CommandIDs.undeploy, {
+    label: args =>
+      args.name ? `Undeploy ${args.name}…` : 'Undeploy a Deployment…',
+    caption:
+      'Stop serving a deployment: its cleanup() runs and its worker ends (asks first)',
+    execute: async args => {
+      let name = args.name as string | undefined;
+      if (!name) {
+        const names = model.deployments.map(d => d.name);
+        if (names.length === 0) {
+          Notification.info('Nothing is deployed.', { autoClose: 3000 });
+          return;
+        }
+        const pick = await InputDialog.getItem({
+          title: 'Undeploy which deployment?',
+          items: names
+        });
+        if (!pick.button.accept || !pick.value) {
+          return;
+        }
+        name = pick.value;
+      }
+      const deployment = model.deployments.find(d => d.name === name);
+      const answer = await showDialog({
+        title: `Undeploy ${name}?`,
+        body: undeployQuestion(name, deployment),
+        buttons: [
+          Dialog.cancelButton(),
+          Dialog.warnButton({ label: 'Undeploy' })
+        ]
+      });
+      if (!answer.button.accept) {
+        return;
+      }
+      return withProgress(
+        `Undeploying ${name}…`,
+        () => model.undeploy(name as string),
+        done =>
+          `${done.name} v${done.version} is undeployed after ${done.requests_served} requests.`
+      );
+    }
+  });
+
   commands.addCommand(CommandIDs.showModelLog, {
     label: args =>
       args.name ? `Show the Log of ${args.name}` : 'Show a Model Log…',
@@ -303,6 +359,7 @@ export function addCommands(
       CommandIDs.unloadModel,
       CommandIDs.forceUnloadModel,
       CommandIDs.showModelLog,
+      CommandIDs.undeploy,
       CommandIDs.restartHost,
       CommandIDs.showHostLog
     ]) {

@@ -8,6 +8,7 @@ import { ISignal, Signal } from '@lumino/signaling';
 
 import {
   ICatalogEntry,
+  IDeploymentStatus,
   ILoadRequest,
   ISnapshot,
   IHostStatus,
@@ -38,6 +39,11 @@ export class LlmModel implements IDisposable {
 
   get models(): IModelStatus[] {
     return this._snapshot?.models ?? [];
+  }
+
+  /** Older servers send no deployments. */
+  get deployments(): IDeploymentStatus[] {
+    return this._snapshot?.deployments ?? [];
   }
 
   get host(): IHostStatus | null {
@@ -95,6 +101,12 @@ export class LlmModel implements IDisposable {
     force: boolean
   ): Promise<{ unloaded: boolean; released: string[] }> {
     return postJSON('models/unload', { model: name, force });
+  }
+
+  undeploy(
+    name: string
+  ): Promise<{ name: string; version: number; requests_served: number }> {
+    return postJSON('deployments/undeploy', { name });
   }
 
   hostAction(action: 'start' | 'restart' | 'stop'): Promise<IHostStatus> {

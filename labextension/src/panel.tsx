@@ -1,6 +1,6 @@
 /**
  * The "LLM" side panel: the host, the memory budget, the loaded models with
- * their holders, a load form and a chat playground.
+ * their holders, the deployments, a load form and a chat playground.
  */
 import { CommandRegistry } from '@lumino/commands';
 import { HTMLSelect, ReactWidget, UseSignal } from '@jupyterlab/ui-components';
@@ -8,6 +8,7 @@ import * as React from 'react';
 
 import { IChatMessage, ICatalogEntry, IModelStatus, streamChat } from './api';
 import { CommandIDs, errorMessage } from './commands';
+import { DeploymentsSection } from './deployments';
 import { baseName, formatBytes, formatCountdown, formatTime } from './format';
 import { llmIcon } from './icons';
 import { LlmModel, PANEL_CLIENT_PREFIX } from './model';
@@ -74,6 +75,7 @@ function Panel({ model, commands }: IProps): JSX.Element {
           </ul>
         )}
       </section>
+      <DeploymentsSection deployments={model.deployments} commands={commands} />
       <LoadForm model={model} commands={commands} />
       <ChatPlayground model={model} />
     </div>

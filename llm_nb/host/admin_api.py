@@ -11,6 +11,7 @@ from .._version import __version__
 from ..catalog import catalog_entries, resolve
 from ..config import heartbeat_interval, parse_duration
 from ..errors import InvalidRequest, ModelNotFound
+from .deployments.versions import scoped_meta
 from .http import PRINCIPAL, dumps, end_progress, json_response, read_json
 from .loaded import Lease
 from .registry import Registry
@@ -41,20 +42,25 @@ _SCOPED_MODEL_FIELDS = (
     "expires_at",
     "task",
 )
+#: How often an event stream looks for deployment changes: the manager announces none of its own.
+DEPLOYMENT_POLL_S = 1.0
 
 
 def status_json(request: web.Request) -> dict:
     app = request.app
     status = registry_of(request).status_json()
     principal = request[PRINCIPAL]
+    deployments = app["deployments"].status_json(principal.allows)
     if principal.kind != "key":
         # A session token opens the models it names, not the host: no budget, pid, url or paths.
         models = [m for m in status["models"] if principal.allows(m["name"])]
         return {
             "models": [{k: m.get(k) for k in _SCOPED_MODEL_FIELDS} for m in models],
+            "deployments": [scoped_meta(d) for d in deployments],
             "version": __version__,
         }
     status.update(
+        deployments=deployments,
         pid=app["info"]["pid"],
         version=__version__,
         url=app["info"]["url"],
@@ -71,24 +77,41 @@ async def health(request: web.Request) -> web.Response:
 
 @routes.get("/api/status")
 async def status(request: web.Request) -> web.Response:
+    await request.app["deployments"].refresh()  # Ray replicas running now
     return json_response(status_json(request))
+
+
+def _deployments_shown(request: web.Request) -> list[tuple]:
+    """What a status reader sees change in the deployments (not memory, which moves all the time)."""
+    listed = request.app["deployments"].status_json(request[PRINCIPAL].allows)
+    keys = ("name", "version", "engine", "state", "requests_served", "errors")
+    return [(*(d[k] for k in keys), dumps(d["replicas"])) for d in listed]
 
 
 @routes.get("/api/events")
 async def events(request: web.Request) -> web.StreamResponse:
     """Server-sent events: the status, once now and again after every change."""
     registry = registry_of(request)
+    deployments = request.app["deployments"]
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
-    version = -1
+    version, shown = -1, None
+    heartbeat = heartbeat_interval()
+    written = refreshed = time.monotonic()
     stop = request.app["stop_event"]
     while not stop.is_set():  # a host that is stopping ends the stream, so shutdown need not wait for it
-        if version != registry.version:
-            version = registry.version
+        now = time.monotonic()
+        if now - refreshed >= heartbeat:  # Ray replicas come and go without telling the manager
+            await deployments.refresh()
+            refreshed = now
+        seen = _deployments_shown(request)
+        if version != registry.version or seen != shown:
+            version, shown, written = registry.version, seen, now
             await response.write(f"event: status\ndata: {dumps(status_json(request))}\n\n".encode())
-        else:
+        elif now - written >= heartbeat:
+            written = now
             await response.write(b": keep-alive\n\n")
-        changed = asyncio.ensure_future(registry.wait_change(version, timeout=heartbeat_interval()))
+        changed = asyncio.ensure_future(registry.wait_change(version, timeout=min(heartbeat, DEPLOYMENT_POLL_S)))
         stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait({changed, stopping}, return_when=asyncio.FIRST_COMPLETED)
         changed.cancel()

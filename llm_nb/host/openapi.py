@@ -52,7 +52,7 @@ _ANY_OBJECT = {"type": "object"}
 # (method, path, request model or None, success media type, error statuses, summary)
 ROUTES: list[tuple[str, str, type[BaseModel] | None, str, tuple[int, ...], str]] = [
     ("get", "/health", None, "application/json", (), "liveness; needs no key"),
-    ("get", "/api/status", None, "application/json", (401,), "loaded models, leases, memory"),
+    ("get", "/api/status", None, "application/json", (401,), "loaded models, leases, memory, deployments"),
     ("get", "/api/catalog", None, "application/json", (401,), "catalog aliases"),
     ("post", "/api/models/load", LoadRequest, "application/json", (400, 401, 404, 413, 500, 507), "load or attach"),
     ("post", "/api/models/unload", UnloadRequest, "application/json", (400, 401, 404, 413), "release a lease"),

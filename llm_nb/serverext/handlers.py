@@ -1,4 +1,5 @@
-"""REST routes under ``/llm-nb/api/`` that the side panel calls.
+"""REST routes under ``/llm-nb/api/`` that the side panel calls, and ``/llm-nb/models/<name>/``:
+a deployment's API, served by the host, reached through this server.
 
 Every handler is an ``APIHandler`` and every verb is ``@web.authenticated``:
 Jupyter's own auth (token or login cookie, plus XSRF on POST) guards them.
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from .app import LlmNbExtension
 
 KEEPALIVE_S = 15.0
+#: Jupyter's own credentials in a query string: for this server, never a deployment's payload.
+JUPYTER_QUERY_KEYS = ("token", "_xsrf")
 #: Load fields the panel may set; the client identity is the server's, not the browser's.
 LOAD_FIELDS = ("model", "name", "backend", "options", "keep_alive", "chat_format", "task")
 
@@ -85,12 +88,23 @@ class LlmNbHandler(ExtensionHandlerMixin, APIHandler):
         return json.loads(payload)
 
     async def host_raw(
-        self, method: str, path: str, body: dict | None = None, *, start: bool = True, params: dict | None = None
+        self,
+        method: str,
+        path: str,
+        body: dict | None = None,
+        *,
+        start: bool = True,
+        params: dict | list | None = None,
+        data: bytes | None = None,
     ) -> tuple[int, bytes, str]:
+        """Call the host with ``body`` as JSON, or ``data`` as it came (a JSON body passed on untouched)."""
         info = await self._host(start)
+        headers = _auth(info)
+        if data is not None:
+            headers["Content-Type"] = "application/json"
         try:
             async with self.ext.http().request(
-                method, info["url"] + path, json=body, params=params, headers=_auth(info)
+                method, info["url"] + path, json=body, data=data, params=params, headers=headers
             ) as response:
                 return response.status, await response.read(), response.content_type
         except (aiohttp.ClientConnectionError, OSError) as exc:
@@ -219,6 +233,47 @@ class ModelLogHandler(LlmNbHandler):
         self.pass_through(*await self.host_raw("GET", path, start=False, params={"lines": lines}))
 
 
+class DeploymentsHandler(LlmNbHandler):
+    @web.authenticated
+    async def get(self) -> None:
+        if self.ext.supervisor.info is None:  # no host, no deployments; listing them starts nothing
+            self.write_json({"deployments": []})
+            return
+        self.pass_through(*await self.host_raw("GET", "/api/deployments", start=False))
+
+
+class UndeployHandler(LlmNbHandler):
+    @web.authenticated
+    async def post(self) -> None:
+        name = self.read_body().get("name")
+        if not isinstance(name, str) or not name:
+            raise InvalidRequest('name the deployment to undeploy: {"name": "<name>"}')
+        self.write_json(await self.host_json("POST", "/api/deployments/undeploy", {"name": name}, start=False))
+
+
+class DeploymentApiHandler(LlmNbHandler):
+    """A deployment's API (``/models/<name>/``) behind Jupyter's auth: meta, or predict by GET or POST."""
+
+    async def _forward(self, name: str) -> None:
+        query = [
+            (key, value.decode())
+            for key, values in self.request.query_arguments.items()
+            if key not in JUPYTER_QUERY_KEYS
+            for value in values
+        ]
+        body = self.request.body if self.request.method == "POST" else None
+        path = f"/models/{quote(name, safe='')}/"
+        self.pass_through(*await self.host_raw(self.request.method, path, start=False, params=query, data=body))
+
+    @web.authenticated
+    async def get(self, name: str) -> None:
+        await self._forward(name)
+
+    @web.authenticated
+    async def post(self, name: str) -> None:
+        await self._forward(name)
+
+
 class ChatHandler(LlmNbHandler):
     """A streamed chat completion: the host's server-sent events, passed on chunk by chunk."""
 
@@ -300,6 +355,9 @@ def route_table() -> list[tuple[str, type[LlmNbHandler]]]:
         (f"{base}/models/load", LoadHandler),
         (f"{base}/models/unload", UnloadHandler),
         (rf"{base}/models/(?P<name>[^/]+)/logs", ModelLogHandler),
+        (f"{base}/deployments", DeploymentsHandler),
+        (f"{base}/deployments/undeploy", UndeployHandler),
+        (r"/llm-nb/models/(?P<name>[^/]+)/?", DeploymentApiHandler),
         (f"{base}/chat", ChatHandler),
         (f"{base}/host", HostHandler),
         (f"{base}/host/log", HostLogHandler),
