@@ -32,6 +32,7 @@ import psutil
 from .processes import PR_SET_CHILD_SUBREAPER, die_with_parent, set_prctl
 
 START_TIMEOUT_S = 120.0
+HEAD_MARKER_ENV = "LLM_NB_RAY_HEAD"
 TERM_GRACE_S = 2.0
 
 
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         started = subprocess.run(
             ray_start_command(args, gcs_port),
+            # Every process of the head inherits this: the host finds them by it if this keeper is killed.
+            env={**os.environ, HEAD_MARKER_ENV: args.temp_dir},
             stdin=subprocess.DEVNULL,
             stdout=sys.stderr,  # the host's log file
             stderr=sys.stderr,

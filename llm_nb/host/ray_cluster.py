@@ -55,6 +55,7 @@ class RayCluster:
         self._lock = asyncio.Lock()
         self._stopping = False
         self._watch: asyncio.Task | None = None
+        self._starts = 0
 
     @property
     def owned(self) -> bool:
@@ -82,8 +83,10 @@ class RayCluster:
 
     async def _start_local(self) -> str:
         started = time.monotonic()
-        # Short and per host: Ray's socket paths live below it and must stay under 108 bytes.
-        self.temp_dir = Path(f"/tmp/llmnb-ray-{os.getuid()}-{os.getpid()}")
+        # Short, and one per head this host starts: Ray's socket paths live below it and must stay
+        # under 108 bytes, and a new head must not be taken for what is left of the one before.
+        self._starts += 1
+        self.temp_dir = Path(f"/tmp/llmnb-ray-{os.getuid()}-{os.getpid()}-{self._starts}")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         num_cpus = self.settings.ray_num_cpus or os.cpu_count() or 1
         with open(self.log_path, "ab") as log_file:
@@ -119,10 +122,10 @@ class RayCluster:
             num_cpus,
             time.monotonic() - started,
         )
-        self._watch = asyncio.ensure_future(self._watch_head(self.process))
+        self._watch = asyncio.ensure_future(self._watch_head(self.process, self.temp_dir))
         return answer["address"]
 
-    async def _watch_head(self, process: asyncio.subprocess.Process) -> None:
+    async def _watch_head(self, process: asyncio.subprocess.Process, temp_dir: Path) -> None:
         code = await process.wait()
         if self._stopping or process is not self.process:
             return
@@ -130,6 +133,7 @@ class RayCluster:
         reason = f"the local Ray head ended (exit code {code}); see {self.log_path}"
         log.warning("%s", reason)
         await self.on_lost(reason)
+        await asyncio.to_thread(_sweep, temp_dir)
 
     async def stop(self) -> None:
         """End the local head, if this host started one (a cluster it only connected to runs on)."""
@@ -137,6 +141,8 @@ class RayCluster:
         if self._watch is not None:
             self._watch.cancel()
         await self._end_process()
+        if self.temp_dir is not None:
+            await asyncio.to_thread(_sweep, self.temp_dir)
 
     async def _end_process(self) -> None:
         process = self.process
@@ -150,6 +156,56 @@ class RayCluster:
             log.warning("the local Ray head did not end within %.0f s: killing it and its processes", STOP_TIMEOUT_S)
             _kill_tree(process.pid)
             await process.wait()
+
+
+def _sweep(temp_dir: Path) -> None:
+    """End what is left of a head whose keeper was killed (its processes went to init, out of reach).
+
+    Every process of the head inherited the keeper's marker in its environment, but some (the
+    raylet's agents) write their titles over that block: they are found as the raylet's children.
+    """
+    import shutil
+
+    import psutil
+
+    from ..ray_head import HEAD_MARKER_ENV
+
+    marker = f"{HEAD_MARKER_ENV}={temp_dir}\0".encode()
+    ended = 0
+    for _ in range(3):  # a raylet still alive restarts the agents killed beside it: look again
+        marked = [proc for proc in psutil.process_iter() if marker in _environ_bytes(proc.pid)]
+        if not marked:
+            break
+        left = {proc.pid: proc for proc in marked}
+        for proc in marked:
+            with contextlib.suppress(psutil.Error):
+                left.update((child.pid, child) for child in proc.children(recursive=True))
+        left = sorted(left.values(), key=lambda proc: not _is_raylet(proc))  # it restarts what dies before it
+        for proc in left:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(left, timeout=3.0)
+        ended += len(left)
+    if ended:
+        log.warning("ended %d processes of the local Ray head that outlived its keeper", ended)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _is_raylet(proc) -> bool:
+    try:
+        return proc.name() == "raylet"
+    except Exception:  # psutil.Error: gone already
+        return False
+
+
+def _environ_bytes(pid: int) -> bytes:
+    """A process's environment as the kernel keeps it. Not ``psutil.environ()``: Ray's processes
+    rewrite their titles over the start of that block, and psutil stops reading at the damage."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as block:
+            return block.read()
+    except OSError:
+        return b""
 
 
 def _kill_tree(pid: int) -> None:

@@ -132,8 +132,8 @@ SCOPED_FIELDS = (
 
 def scoped_meta(meta: dict) -> dict:
     scoped = {k: meta.get(k) for k in SCOPED_FIELDS}
-    if meta.get("ray"):
-        scoped["ray"] = {k: meta["ray"].get(k) for k in ("status", "replica_states")}
+    ray = meta.get("ray")
+    scoped["ray"] = {k: ray.get(k) for k in ("status", "replica_states")} if ray else None
     return scoped
 
 
