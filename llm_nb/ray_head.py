@@ -36,23 +36,32 @@ HEAD_MARKER_ENV = "LLM_NB_RAY_HEAD"
 TERM_GRACE_S = 2.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+PORT_FLAGS = (
+    "--port",  # the GCS: the address drivers connect to
+    "--ray-client-server-port",
+    "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port",
+    "--runtime-env-agent-port",
+    "--metrics-export-port",
+)
+START_ATTEMPTS = 3  # a port picked free may be taken before Ray binds it
 
 
-def ray_start_command(args: argparse.Namespace, gcs_port: int) -> list[str]:
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: the sockets stay bound until all are picked, so none comes twice."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("", 0))  # every interface: Ray binds some of them beyond loopback
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def ray_start_command(args: argparse.Namespace, ports: dict[str, int]) -> list[str]:
     # Every port a head would otherwise take at a fixed default (6379, 10001, 52365, ...) is
     # picked free, so this head starts beside another one, the user's own included.
-    ports = {
-        "--port": gcs_port,
-        "--ray-client-server-port": free_port(),
-        "--dashboard-agent-listen-port": free_port(),
-        "--dashboard-agent-grpc-port": free_port(),
-        "--runtime-env-agent-port": free_port(),
-        "--metrics-export-port": free_port(),
-    }
     command = [sys.executable, "-c", "from ray.scripts.scripts import main; main()", "start", "--head"]
     for flag, port in ports.items():
         command += [flag, str(port)]
@@ -101,24 +110,29 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: done.set())
     # SIGTERM, not SIGKILL, when the host dies: this process must live on to end the tree.
     die_with_parent(args.parent_pid, signal.SIGTERM, on_parent_gone=done.set)
-    gcs_port = free_port()
-    try:
-        started = subprocess.run(
-            ray_start_command(args, gcs_port),
-            # Every process of the head inherits this: the host finds them by it if this keeper is killed.
-            env={**os.environ, HEAD_MARKER_ENV: args.temp_dir},
-            stdin=subprocess.DEVNULL,
-            stdout=sys.stderr,  # the host's log file
-            stderr=sys.stderr,
-            timeout=START_TIMEOUT_S,
-        )
-        answer = (
-            {"address": f"127.0.0.1:{gcs_port}", "pid": os.getpid()}
-            if started.returncode == 0
-            else {"error": f"`ray start --head` failed with exit code {started.returncode}"}
-        )
-    except subprocess.TimeoutExpired:
-        answer = {"error": f"`ray start --head` did not finish within {START_TIMEOUT_S:.0f} s"}
+    answer: dict = {}
+    for _ in range(START_ATTEMPTS):
+        ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
+        try:
+            started = subprocess.run(
+                ray_start_command(args, ports),
+                # Every process of the head inherits this: the host finds them by it if this keeper is killed.
+                env={**os.environ, HEAD_MARKER_ENV: args.temp_dir},
+                stdin=subprocess.DEVNULL,
+                stdout=sys.stderr,  # the host's log file
+                stderr=sys.stderr,
+                timeout=START_TIMEOUT_S,
+            )
+        except subprocess.TimeoutExpired:
+            answer = {"error": f"`ray start --head` did not finish within {START_TIMEOUT_S:.0f} s"}
+            break
+        if started.returncode == 0:
+            answer = {"address": f"127.0.0.1:{ports['--port']}", "pid": os.getpid()}
+            break
+        answer = {"error": f"`ray start --head` failed with exit code {started.returncode}"}
+        end_tree()  # what a failed start left, before the next try
+        if done.is_set():
+            break
     print(json.dumps(answer), flush=True)
     if "address" in answer:
         done.wait()
