@@ -61,13 +61,6 @@ class RayCluster:
     def owned(self) -> bool:
         return self.process is not None
 
-    def describe(self) -> dict:
-        return {
-            "address": self._address or self.settings.ray_address,
-            "local_head": self.owned,
-            "head_pid": self.process.pid if self.process else None,
-        }
-
     async def address(self, progress: Callable[[dict], None] = lambda event: None) -> str:
         """The cluster's address; the first call without a configured one starts the local head."""
         require_ray()
@@ -141,10 +134,9 @@ class RayCluster:
         if self._watch is not None:
             self._watch.cancel()
         await self._end_process()
-        if self.temp_dir is not None:
-            await asyncio.to_thread(_sweep, self.temp_dir)
 
     async def _end_process(self) -> None:
+        """Ask the keeper to end its head; a keeper that does not is killed, and its head swept up after it."""
         process = self.process
         if process is None or process.returncode is not None:
             return
@@ -154,8 +146,9 @@ class RayCluster:
             await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
         except TimeoutError:
             log.warning("the local Ray head did not end within %.0f s: killing it and its processes", STOP_TIMEOUT_S)
-            _kill_tree(process.pid)
+            process.kill()
             await process.wait()
+        await asyncio.to_thread(_sweep, self.temp_dir)
 
 
 def _sweep(temp_dir: Path) -> None:
@@ -206,15 +199,3 @@ def _environ_bytes(pid: int) -> bytes:
             return block.read()
     except OSError:
         return b""
-
-
-def _kill_tree(pid: int) -> None:
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        for proc in [*root.children(recursive=True), root]:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-    except psutil.Error:
-        pass
