@@ -9,6 +9,7 @@ error rather than a silent truncation.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import os
 import threading
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..cpu import has_amx
 from ..errors import BackendUnavailable, ContextLengthExceeded, InvalidRequest, ModelFailed
 from .base import (
     Backend,
@@ -44,7 +46,11 @@ LOAD_OPTIONS: dict[str, type] = {
     "use_mmap": bool,
     "use_mlock": bool,
     "flash_attn": bool,
+    # llama.cpp's extra buffer types (CPU repacking, AMX): true, false or auto (off on AMX CPUs only)
+    "extra_buffers": bool,
 }
+#: Options of ours, not Llama()'s keyword arguments.
+OWN_OPTIONS = ("extra_buffers",)
 DEFAULT_N_CTX = 4096
 
 
@@ -61,6 +67,55 @@ def coerce_options(options: dict[str, Any]) -> dict[str, Any]:
     return {key: coerce_option("llama.cpp", key, value, LOAD_OPTIONS) for key, value in options.items()}
 
 
+def system_info() -> str:
+    """llama.cpp's own line on what it was built with and uses here (``AVX2 = 1 | ... | REPACK = 1``)."""
+    import llama_cpp
+
+    return llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
+
+
+def extra_buffers_default() -> bool:
+    """Extra buffer types are a speed-up (weights repacked for the CPU's widest kernels), except
+    on AMX CPUs, where llama.cpp's AMX buffer crashes the first decode (llama.cpp issue 20824).
+    AMX is taken from the CPU's flags, or from llama.cpp's word that it uses AMX here."""
+    return not (has_amx() or "AMX_INT8 = 1" in system_info())
+
+
+def extra_buffers_option(value: Any) -> bool:
+    """The ``extra_buffers`` load option: true, false, or auto (None)."""
+    word = "auto" if value is None else str(value).strip().lower()
+    if word == "auto":
+        return extra_buffers_default()
+    if word in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return word in ("1", "true", "yes", "on")
+    raise InvalidRequest(f"option extra_buffers={value!r} must be true, false or auto")
+
+
+@contextlib.contextmanager
+def model_params_with(**fields: Any) -> Iterator[None]:
+    """Llama() builds its llama_model_params inside __init__ from llama_model_default_params() and
+    takes no argument for some of their fields (use_extra_bufts among them): for the length of one
+    construction, the defaults it starts from carry ``fields``. Llama keeps the params it used as
+    ``model_params``, so what was set can be read back."""
+    import llama_cpp.llama_cpp as native
+
+    original = native.llama_model_default_params
+
+    def defaults():
+        params = original()
+        for name, value in fields.items():
+            if not hasattr(params, name):
+                raise BackendUnavailable(f"this llama-cpp-python has no model parameter {name!r}; upgrade it")
+            setattr(params, name, value)
+        return params
+
+    native.llama_model_default_params = defaults
+    try:
+        yield
+    finally:
+        native.llama_model_default_params = original
+
+
 class LlamaCppBackend(Backend):
     name = "llamacpp"
     parallel = 1  # one llama context: requests run in turn
@@ -73,6 +128,7 @@ class LlamaCppBackend(Backend):
             raise ModelFailed(f"GGUF file {self.spec.path!r} does not exist")
         raw = dict(self.spec.options)
         device = str(raw.pop("device", "auto") or "auto").lower()
+        extra = raw.pop("extra_buffers", None)
         options = coerce_options(raw)
         self.gpu = cuda_available()
         if device.startswith("cuda"):
@@ -93,10 +149,13 @@ class LlamaCppBackend(Backend):
             # Half the cores, as llama.cpp's own server does: on a box shared by notebooks,
             # a thread per core makes every decode wait on whichever thread was preempted.
             options["n_threads"] = max(1, min((os.cpu_count() or 2) // 2, 8))
+        options["extra_buffers"] = extra_buffers_option(extra)
         self.options = options
         progress(f"reading {os.path.basename(self.spec.path)}", 0.1)
+        llama_kwargs = {k: v for k, v in options.items() if k not in OWN_OPTIONS}
         try:
-            self.llm = Llama(model_path=self.spec.path, verbose=False, **options)
+            with model_params_with(use_extra_bufts=options["extra_buffers"]):
+                self.llm = Llama(model_path=self.spec.path, verbose=False, **llama_kwargs)
         except ValueError as exc:  # llama-cpp-python's way of saying "could not load"
             raise ModelFailed(f"llama.cpp could not load {self.spec.path}: {exc}") from exc
         self.vocab = self.llm._model.vocab
@@ -254,6 +313,7 @@ class LlamaCppBackend(Backend):
             "device": "cuda" if self.gpu and self.options.get("n_gpu_layers", 0) != 0 else "cpu",
             "n_ctx": self.llm.n_ctx(),
             "n_threads": self.options.get("n_threads"),
+            "extra_buffers": bool(self.llm.model_params.use_extra_bufts),
             "chat_format": self.spec.chat_format
             or ("gguf" if self.llm.metadata.get("tokenizer.chat_template") else "chatml"),
             "n_params": model.n_params(),
