@@ -93,6 +93,12 @@ class ModelCrashed(LlmNbError):
     code, status = "model_crashed", 502
 
 
+class CrashedRecently(LlmNbError):
+    """A load refused because the same model, loaded the same way, just died of a fault signal."""
+
+    code, status = "crashed_recently", 409
+
+
 class ModelFailed(LlmNbError):
     """A load that did not succeed (bad file, backend error, worker died while loading)."""
 
@@ -149,6 +155,7 @@ _BY_CODE: dict[str, type[LlmNbError]] = {
         QueueFull,
         ModelLoading,
         ModelCrashed,
+        CrashedRecently,
         ModelFailed,
         InsufficientMemory,
         BackendUnavailable,

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import json
 import logging
 import os
@@ -350,6 +351,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parent-pid", type=int, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # A segfault in a backend's native code then leaves the Python stack that led there (the
+    # faulting thread's: a generation's) in the worker's log, whose end the host quotes.
+    faulthandler.enable(sys.stderr, all_threads=False)
     die_with_parent(args.parent_pid)
     asyncio.run(serve(args.socket, args.parent_pid))
 

@@ -10,6 +10,7 @@ status) is a ``loaded.LoadedModel``.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from ..catalog import ModelSpec, catalog_spec
 from ..config import Settings, format_bytes
 from ..connection import pid_alive
 from ..errors import (
+    CrashedRecently,
     InsufficientMemory,
     InvalidModelFile,
     InvalidRequest,
@@ -32,13 +34,21 @@ from . import memory
 from .loaded import Lease, LoadedModel, Runner
 from .remote import RemoteEngine
 from .scheduler import ModelQueue
-from .workers import WorkerProcess, safe_name
+from .workers import WorkerProcess, crash_advice, fault_signal, safe_name
 
 log = logging.getLogger("llm_nb.host.registry")
+
+#: How long after a worker died of a fault signal a load of the same model, the same way, is refused.
+CRASH_HOLD_S = 60.0
 
 
 def _same_model(a: ModelSpec, b: ModelSpec) -> bool:
     return (a.backend, a.path, a.url, a.remote_model) == (b.backend, b.path, b.url, b.remote_model)
+
+
+def _load_key(spec: ModelSpec) -> tuple:
+    """A model loaded a given way, whatever its name: what a crash is remembered by."""
+    return (spec.backend, spec.path, spec.url, json.dumps(spec.options or {}, sort_keys=True, default=str))
 
 
 class Registry:
@@ -63,6 +73,8 @@ class Registry:
         self._admit = asyncio.Lock()
         self._reaper: asyncio.Task | None = None
         self._worker_seq = 0
+        #: Loads whose worker died of a fault signal: (monotonic time, what was said of the crash).
+        self._crashes: dict[tuple, tuple[float, str]] = {}
 
     # --- change notification (the panel's event stream) ---------------------
     def notify(self) -> None:
@@ -153,6 +165,8 @@ class Registry:
         """
         async with self._admit:
             model = self.models.get(spec.name)
+            if model is None or model.state in ("failed", "unloading"):
+                self._refuse_after_crash(spec)
             carried: dict[str, Lease] = {}
             if model is not None and model.state in ("failed", "unloading"):
                 carried = model.leases if model.state == "failed" else {}
@@ -242,9 +256,34 @@ class Registry:
             return None
         return await asyncio.to_thread(gguf_problem, spec.path)
 
+    def _refuse_after_crash(self, spec: ModelSpec) -> None:
+        """A load of a model whose worker just died of a fault, loaded the same way, is refused for a while:
+        a segfault at the first decode would only come back (and the notebook would read it twice)."""
+        key = _load_key(spec)
+        crash = self._crashes.get(key)
+        if crash is None:
+            return
+        at, reason = crash
+        age = time.monotonic() - at
+        if age >= CRASH_HOLD_S:
+            del self._crashes[key]
+            return
+        wait = CRASH_HOLD_S - age
+        raise CrashedRecently(
+            f"not loading {spec.name!r}: {age:.0f} s ago {reason}\n"
+            f"It was loaded the same way, so it would crash again. Load it with other options, or retry in {wait:.0f} s.",
+            retry_after=max(1, round(wait)),
+        )
+
     async def _worker_exited(self, worker: WorkerProcess) -> None:
         if worker.stopping:
             return
+        if fault_signal(worker.returncode):
+            advice = crash_advice(worker.spec, worker.returncode)
+            self._crashes[_load_key(worker.spec)] = (
+                time.monotonic(),
+                worker.crash_reason() + (f"\n{advice}" if advice else ""),
+            )
         for model in self.models.values():
             if model.runner is worker and model.state != "unloading":
                 model.state = "failed"

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,15 +21,48 @@ import aiohttp
 
 from .. import processes
 from ..catalog import ModelSpec
+from ..cpu import amx_advice, has_amx
 from ..errors import LlmNbError, ModelCrashed, ModelFailed, error_from_json
 from ..processes import describe_exit
 
 log = logging.getLogger("llm_nb.host.workers")
 LOG_TAIL_LINES = 15
+#: After a fault: room for faulthandler's stack of the faulting thread and what llama.cpp said before.
+CRASH_TAIL_LINES = 24
 
 
 def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return processes.tail(path, lines)
+
+
+#: Signals a process gets from a fault of its own (a bad memory access, an illegal instruction, an
+#: abort from an assertion): unlike SIGKILL (the OOM killer, a person), loading the same model the
+#: same way again is likely to end the same way.
+FAULT_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT})
+
+
+def fault_signal(returncode: int | None) -> signal.Signals | None:
+    """The fault signal that ended a process, if one did."""
+    if returncode is None or returncode >= 0:
+        return None
+    try:
+        sig = signal.Signals(-returncode)
+    except ValueError:
+        return None
+    return sig if sig in FAULT_SIGNALS else None
+
+
+def crash_advice(spec: ModelSpec, returncode: int | None) -> str:
+    """What to do about a worker that ended this way, or "" for a plain reload."""
+    if fault_signal(returncode) is None:
+        return ""
+    if spec.backend == "llamacpp" and has_amx() and _forced_on(spec.options.get("extra_buffers")):
+        return amx_advice(spec.name)
+    return f"loading {spec.name!r} the same way is likely to crash again: check its log, or load it with other options"
+
+
+def _forced_on(value: object) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
 def safe_name(name: str) -> str:
@@ -66,12 +100,18 @@ class WorkerProcess:
 
     def crash_reason(self) -> str:
         reason = f"the worker of {self.spec.name!r} {describe_exit(self.returncode)}"
-        last = tail(self.log_path)
+        if fault_signal(self.returncode):
+            reason += f" (a fault in the {self.spec.backend} backend's native code, not a lack of memory)"
+        last = tail(self.log_path, CRASH_TAIL_LINES if fault_signal(self.returncode) else LOG_TAIL_LINES)
+        # faulthandler's list of loaded extension modules is one long line that says nothing here.
+        last = "\n".join(line for line in last.splitlines() if not line.startswith("Extension modules:")).strip()
         return f"{reason}; last lines of its log ({self.log_path}):\n{last}" if last else reason
 
     def crashed_error(self) -> ModelCrashed:
+        advice = crash_advice(self.spec, self.returncode)
         return ModelCrashed(
-            self.crash_reason() + f"\nload it again to start a fresh worker (`%llm_load {self.spec.name}`)",
+            self.crash_reason()
+            + (f"\n{advice}" if advice else f"\nload it again to start a fresh worker (`%llm_load {self.spec.name}`)"),
             exit=describe_exit(self.returncode),
         )
 
