@@ -9,6 +9,7 @@ llm-nb logs MODEL                a model worker's log
 llm-nb deploy NAME FOLDER        serve FOLDER's model.py at /models/NAME/
 llm-nb undeploy NAME             run its cleanup() and end its worker
 llm-nb stop                      stop the host
+llm-nb selfcheck [MODEL]         does the default model decode here (in a worker and in-process)?
 """
 
 from __future__ import annotations
@@ -166,6 +167,13 @@ def cmd_undeploy(args) -> int:
     return 0
 
 
+def cmd_selfcheck(args) -> int:
+    from .api import parse_options
+    from .host.selfcheck import run
+
+    return run(args.model or "smollm2", tokens=args.tokens, options=parse_options(args.option) or None)
+
+
 def cmd_host(args) -> int:
     from .host.app import run_from_args
 
@@ -251,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stop", help="stop the host (its models are unloaded)")
     p.set_defaults(func=cmd_stop)
+
+    p = sub.add_parser("selfcheck", help="check that a llama.cpp model (default smollm2) decodes on this machine")
+    p.add_argument("model", nargs="?", help="catalog alias or GGUF path (default: smollm2)")
+    p.add_argument("--tokens", type=int, default=8, help="how many tokens to decode (default 8)")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="load option, e.g. extra_buffers=false")
+    p.set_defaults(func=cmd_selfcheck)
     return parser
 
 
