@@ -104,9 +104,8 @@ def model_params_with(**fields: Any) -> Iterator[None]:
     def defaults():
         params = original()
         for name, value in fields.items():
-            if not hasattr(params, name):
-                raise BackendUnavailable(f"this llama-cpp-python has no model parameter {name!r}; upgrade it")
-            setattr(params, name, value)
+            if hasattr(params, name):  # an older llama-cpp-python lacks it, and the llama.cpp it binds, too
+                setattr(params, name, value)
         return params
 
     native.llama_model_default_params = defaults
@@ -313,7 +312,7 @@ class LlamaCppBackend(Backend):
             "device": "cuda" if self.gpu and self.options.get("n_gpu_layers", 0) != 0 else "cpu",
             "n_ctx": self.llm.n_ctx(),
             "n_threads": self.options.get("n_threads"),
-            "extra_buffers": bool(self.llm.model_params.use_extra_bufts),
+            "extra_buffers": bool(getattr(self.llm.model_params, "use_extra_bufts", True)),
             "chat_format": self.spec.chat_format
             or ("gguf" if self.llm.metadata.get("tokenizer.chat_template") else "chatml"),
             "n_params": model.n_params(),
