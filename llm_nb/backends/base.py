@@ -61,6 +61,7 @@ class Finished:
     finish_reason: str  # "stop", "length" or "cancelled"
     prompt_tokens: int
     completion_tokens: int
+    prompt_cache: dict | None = None  # the conversation cache's figures after this request (prompt_cache.stats)
 
 
 GenerationEvent = TextDelta | Finished
