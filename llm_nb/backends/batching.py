@@ -34,47 +34,13 @@ from typing import Any
 
 from .base import Finished, GenerationEvent, GenerationRequest, StopBuffer, TextDelta
 from .constraints import LogprobQueue, logprob_entry
+from .detokenizer import Detokenizer
+from .prompt_cache import MIN_PREFIX_TOKENS, PromptCache, as_ids
 
 log = logging.getLogger("llm_nb.backends.batching")
 
 #: How many recent tokens ``repeat_penalty`` looks at, as llama.cpp does (``repeat_last_n``).
 REPEAT_LAST_N = 64
-
-
-class Detokenizer:
-    """Turns a growing list of token ids into text pieces, never splitting a character.
-
-    Decoding a window of the last few tokens, and emitting only what the newest
-    token added, keeps multi-token characters (UTF-8 split across byte tokens)
-    and tokenizers that strip a leading space from a lone piece correct: the
-    streamed pieces join to the text the whole id list decodes to.
-    """
-
-    def __init__(self, tokenizer, lock: threading.Lock):
-        self.tokenizer = tokenizer
-        self.lock = lock
-        self.ids: list[int] = []
-        self.prefix_offset = 0
-        self.read_offset = 0
-
-    def _decode(self, ids: list[int]) -> str:
-        with self.lock:
-            return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        before = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        after = self._decode(self.ids[self.prefix_offset :])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return after[len(before) :]
-        return ""
-
-    def flush(self) -> str:
-        before = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        after = self._decode(self.ids[self.prefix_offset :])
-        self.prefix_offset = self.read_offset = len(self.ids)
-        return after[len(before) :] if len(after) > len(before) else ""
 
 
 @dataclass
@@ -136,7 +102,17 @@ class Sequence:
 class BatchEngine:
     """Runs up to ``max_batch`` sequences of one causal LM together, in a thread of its own."""
 
-    def __init__(self, model, tokenizer, tokenizer_lock: threading.Lock, *, device, eos_ids: set[int], max_batch: int):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        tokenizer_lock: threading.Lock,
+        *,
+        device,
+        eos_ids: set[int],
+        max_batch: int,
+        cache_bytes: int = 0,
+    ):
         import torch
 
         self.torch = torch
@@ -156,6 +132,9 @@ class BatchEngine:
         self.tokens_out = 0
         self.largest_batch = 0
         self._stopping = False
+        #: Prompts' KV by their tokens: a prompt that extends a cached one (the next turn of a
+        #: conversation, any notebook's) prefills only what is new.
+        self.prompt_cache = PromptCache(cache_bytes)
         forward = inspect.signature(model.forward).parameters
         self._logits_to_keep = "logits_to_keep" in forward
         # transformers renamed forward's ``past_key_values`` to ``cache`` (the old name goes in 5.40).
@@ -252,13 +231,42 @@ class BatchEngine:
         from transformers import DynamicCache
 
         torch = self.torch
-        ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)
         cache = DynamicCache()
+        start = self._cached_prefix(seq, cache) if self.prompt_cache.enabled else 0
+        ids = torch.tensor([seq.prompt_ids[start:]], dtype=torch.long, device=self.device)
         kwargs = {"logits_to_keep": 1} if self._logits_to_keep else {}
         kwargs[self._cache_arg] = cache
         out = self.model(input_ids=ids, use_cache=True, **kwargs)
         self.steps += 1
-        return _returned_cache(out), self._sample(seq, out.logits[0, -1].float())
+        cache = _returned_cache(out)
+        if self.prompt_cache.enabled:
+            self._keep_prompt(seq, cache)
+        return cache, self._sample(seq, out.logits[0, -1].float())
+
+    def _cached_prefix(self, seq: Sequence, cache) -> int:
+        """Fill ``cache`` with the longest cached prefix of the prompt; how many tokens it holds.
+        At least the prompt's last token is left to read: its logits give the first new token."""
+        entry, shared = self.prompt_cache.longest(as_ids(seq.prompt_ids))
+        shared = min(shared, len(seq.prompt_ids) - 1)
+        if entry is None or shared < MIN_PREFIX_TOKENS:
+            self.prompt_cache.record(0)
+            return 0
+        for index, (keys, values) in enumerate(entry.state):
+            cache.update(keys[:, :, :shared, :], values[:, :, :shared, :], index)  # copies: the entry stays whole
+        self.prompt_cache.touch(entry)
+        self.prompt_cache.record(shared)
+        return shared
+
+    def _keep_prompt(self, seq: Sequence, cache) -> None:
+        """Keep the prompt's KV. Nothing writes into these tensors later (the batch's cache grows by
+        concatenation into new ones), so the entry holds them as they are, without a copy."""
+        layers = getattr(cache, "layers", None)
+        # Layers that crop (sliding windows) or quantise do not hold the whole prefix: not cached.
+        if not layers or any(type(layer).__name__ != "DynamicLayer" or layer.keys is None for layer in layers):
+            return
+        state = [(layer.keys, layer.values) for layer in layers]
+        nbytes = sum(t.numel() * t.element_size() for pair in state for t in pair)
+        self.prompt_cache.put(as_ids(seq.prompt_ids), state, nbytes)
 
     def _merge(self, seq: Sequence, cache, token: int) -> None:
         torch = self.torch

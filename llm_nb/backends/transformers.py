@@ -18,6 +18,8 @@ and placed by ``llm_nb.backends.transformers_options``):
 ``n_ctx``       context length (default: the model's, at most 4096)
 ``max_batch``   most requests decoded together (default 8 on CPU, 16 on CUDA)
 ``n_threads``   torch CPU threads (default: one fewer than the cores, at least 1)
+``cache_bytes`` cap of the prompt cache (KV of recent prompts, reused by prompts that extend
+                them); default a quarter of the weights, 0 turns it off
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ..errors import BackendUnavailable, ContextLengthExceeded, InvalidRequest, 
 from .base import Backend, GenerationEvent, GenerationRequest, Progress, check_token_ids, tokenize_chat_prompt
 from .constraints import Constraint
 from .transformers_options import (
+    CACHE_SHARE_OF_WEIGHTS,
     check_quantize,
     check_task,
     coerce_options,
@@ -153,6 +156,10 @@ class TransformersBackend(Backend):
 
             self.parallel = options.get("max_batch") or (16 if device.type == "cuda" else 8)
             self.eos_ids = self._eos_ids()
+            cap = options.get("cache_bytes")
+            if cap is None:
+                weights = sum(p.numel() * p.element_size() for p in model.parameters())
+                cap = int(weights * CACHE_SHARE_OF_WEIGHTS)
             self.engine = BatchEngine(
                 model,
                 self.tokenizer,
@@ -160,6 +167,7 @@ class TransformersBackend(Backend):
                 device=device,
                 eos_ids=self.eos_ids,
                 max_batch=self.parallel,
+                cache_bytes=cap,
             )
         else:
             self.parallel = 1
@@ -242,7 +250,8 @@ class TransformersBackend(Backend):
 
     def generate(self, request: GenerationRequest, cancelled: threading.Event) -> Iterator[GenerationEvent]:
         from .base import Finished
-        from .batching import Detokenizer, Sequence
+        from .batching import Sequence
+        from .detokenizer import Detokenizer
 
         if not self.generative:
             return super().generate(request, cancelled)
@@ -293,9 +302,11 @@ class TransformersBackend(Backend):
                 event = seq.events.get()
                 if isinstance(event, BaseException):
                     raise event
-                yield event
                 if isinstance(event, finished_type):
+                    event.prompt_cache = self._cache_stats()
+                    yield event
                     return
+                yield event
         finally:
             seq.abandoned = True  # a consumer that stops early takes its row out of the batch
 
@@ -389,6 +400,7 @@ class TransformersBackend(Backend):
             info["embedding_length"] = getattr(config, "hidden_size", None)
         if self.engine is not None:
             info["batch"] = self.engine.stats()
+            info["prompt_cache"] = self._cache_stats()
         if self.device.type == "cuda":
             cuda = self.torch.cuda
             info["gpu_name"] = cuda.get_device_name(self.device)
@@ -396,6 +408,12 @@ class TransformersBackend(Backend):
             info["gpu_reserved_bytes"] = int(cuda.memory_reserved(self.device))
             info["gpu_bytes"] = info["gpu_reserved_bytes"]
         return info
+
+    def _cache_stats(self) -> dict[str, Any] | None:
+        engine = getattr(self, "engine", None)
+        if engine is None or getattr(engine, "prompt_cache", None) is None:
+            return None
+        return {**engine.prompt_cache.stats(), "device": self.device.type}
 
     def close(self) -> None:
         if getattr(self, "engine", None) is not None:

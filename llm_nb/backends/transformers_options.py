@@ -27,7 +27,11 @@ LOAD_OPTIONS: dict[str, type] = {
     "n_threads": int,
     "trust_remote_code": bool,
     "attn_implementation": str,
+    "cache_bytes": int,
 }
+#: The conversation cache's default cap, as a share of the weights' bytes: the cache lives where the
+#: model does (on a GPU, beside the batch's own KV), so it is sized by what the model already takes.
+CACHE_SHARE_OF_WEIGHTS = 0.25
 DTYPES = {
     "auto": "auto",
     "float32": "float32",
