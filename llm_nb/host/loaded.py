@@ -107,8 +107,19 @@ class LoadedModel:
         """What counts against the budget: measured, or the estimate while loading."""
         if self.state == "failed" or self.spec.backend == "remote":
             return 0
+        if self.state == "loading":
+            return max(self.measured["gpu_bytes" if kind == "gpu" else "rss_bytes"], self.estimate_bytes)
         measured = self.measured["gpu_bytes"] if kind == "gpu" else self.measured["rss_bytes"]
-        return max(measured, self.estimate_bytes) if self.state == "loading" else measured
+        return measured + self.cache_room(kind)
+
+    def cache_room(self, kind: str) -> int:
+        """What the conversation cache may still grow by, where it lives (``kind``: the budget's, gpu
+        or ram): the budget keeps that much free, so a cache filling up never takes it past its size."""
+        cache = self.info.get("prompt_cache") or {}
+        on_gpu = str(cache.get("device") or "cpu").startswith("cuda")
+        if not cache or on_gpu != (kind == "gpu"):
+            return 0
+        return max(0, int(cache.get("cap_bytes") or 0) - int(cache.get("bytes") or 0))
 
     def expires_at(self) -> float | None:
         if self.leases or self.idle_since is None or self.keep_alive < 0:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import psutil
 
+from ..backends.prompt_cache import DEFAULT_CONTEXTS
+from ..backends.transformers_options import CACHE_SHARE_OF_WEIGHTS
 from ..catalog import ModelSpec
 
 log = logging.getLogger("llm_nb.host.memory")
@@ -234,7 +236,25 @@ def estimate(spec: ModelSpec) -> int:
         elif options.get("quantize") == "8bit":
             weights //= 2
     n_ctx = int(options.get("n_ctx") or options.get("ctx") or min(shape.get("context") or 4096, 4096))
-    return weights + kv_cache_bytes(shape, n_ctx) + overhead
+    kv = kv_cache_bytes(shape, n_ctx)
+    return weights + kv + prompt_cache_bytes(spec, kv, weights) + overhead
+
+
+def prompt_cache_bytes(spec: ModelSpec, context_kv: int, weights: int) -> int:
+    """The cap of a model's conversation cache, as its backend sets it by default (llama.cpp: four full
+    contexts' KV; transformers: a quarter of the weights), admitted with the model so that the cache
+    can fill up without taking the budget past its size."""
+    asked = (spec.options or {}).get("cache_bytes")
+    if asked is not None:
+        try:
+            return max(0, int(asked))
+        except (TypeError, ValueError):  # the worker refuses it, by name
+            return 0
+    if spec.backend == "llamacpp":
+        return DEFAULT_CONTEXTS * context_kv
+    if spec.backend == "transformers" and not spec.task:
+        return int(weights * CACHE_SHARE_OF_WEIGHTS)
+    return 0
 
 
 def measure(pid: int | None, gpu_by_pid: dict[int, int] | None = None) -> dict:

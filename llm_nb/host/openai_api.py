@@ -39,6 +39,8 @@ async def generation_events(model: LoadedModel, payload: dict) -> AsyncIterator[
     async with model.queue.slot():
         model.touch()
         async for event in model.runner.generate(payload):
+            if event.get("prompt_cache") is not None:  # a finish event: the cache's figures now
+                model.info["prompt_cache"] = event["prompt_cache"]
             yield event
         model.requests_served += 1
         model.touch()
