@@ -11,7 +11,7 @@ from datetime import datetime
 
 from .config import format_bytes
 
-__all__ = ["LoadResult", "Status", "Undeployed", "UnloadResult", "deployment_cells"]
+__all__ = ["LoadResult", "Status", "Undeployed", "UnloadResult", "cache_cell", "deployment_cells"]
 
 
 def _md_cell(text: str) -> str:
@@ -32,6 +32,19 @@ def _until(model: dict, none: str) -> str:
 def _table(rows: list[tuple[str, ...]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+
+
+def cache_cell(model: dict) -> str:
+    """A model's conversation cache in a few words: entries, bytes of its cap, hit rate; "-" where it has none."""
+    cache = (model.get("info") or {}).get("prompt_cache")
+    if not cache:
+        return "-"
+    if not cache.get("cap_bytes"):
+        return "off"
+    cell = f"{cache['entries']} · {format_bytes(cache['bytes'])} of {format_bytes(cache['cap_bytes'])}"
+    if cache.get("hit_rate") is not None:
+        cell += f" · {100 * cache['hit_rate']:.0f}% hits"
+    return cell
 
 
 DEPLOYMENT_COLUMNS = ("DEPLOYMENT", "VERSION", "ENGINE", "REPLICAS", "MEMORY", "STATE", "SERVED")
@@ -149,7 +162,7 @@ class Status(dict):
 
     def to_text(self) -> str:
         """Fixed-width tables, as ``llm-nb ps`` prints them."""
-        rows = [("NAME", "BACKEND", "DEVICE", "STATE", "MEMORY", "HELD BY", "IN FLIGHT", "SERVED", "UNTIL")]
+        rows = [("NAME", "BACKEND", "DEVICE", "STATE", "MEMORY", "CACHE", "HELD BY", "IN FLIGHT", "SERVED", "UNTIL")]
         for m in self.get("models", []):
             holders = ", ".join(lease["name"] for lease in m.get("leases") or []) or "-"  # a token sees none
             rows.append(
@@ -159,6 +172,7 @@ class Status(dict):
                     m.get("device") or "-",
                     m["state"],
                     format_bytes(m["memory_bytes"]),
+                    cache_cell(m),
                     holders,
                     str(m["in_flight"]),
                     str(m["requests_served"]),
@@ -179,12 +193,13 @@ class Status(dict):
         return self.to_text()
 
     def to_markdown(self) -> str:
-        rows = ["| model | backend | device | state | memory | held by | in flight | until |", "|---" * 8 + "|"]
+        rows = ["| model | backend | device | state | memory | cache | held by | in flight | until |", "|---" * 9 + "|"]
         for m in self.get("models", []):
             holders = ", ".join(_md_cell(lease["name"]) for lease in m.get("leases") or []) or "—"
             rows.append(
                 f"| {_md_cell(m['name'])} | {m['backend']} | {m.get('device') or '—'} | {m['state']} | "
-                f"{format_bytes(m['memory_bytes'])} | {holders} | {m['in_flight']} | {_until(m, '—')} |"
+                f"{format_bytes(m['memory_bytes'])} | {_md_cell(cache_cell(m))} | {holders} | {m['in_flight']} | "
+                f"{_until(m, '—')} |"
             )
         if not self.get("models"):
             rows = ["*no models loaded*"]

@@ -27,7 +27,7 @@ from .api import ChatReply, Session, Status
 from .config import DEFAULT_MODEL, format_bytes
 from .display import one_line
 from .errors import InvalidRequest, LlmNbError
-from .results import deployment_cells
+from .results import cache_cell, deployment_cells
 
 _live_panels: weakref.WeakSet[Panel] = weakref.WeakSet()
 
@@ -212,12 +212,13 @@ class Panel(w.VBox):
             rows.append(
                 f"<tr><td>{html.escape(m['name'])}</td><td>{html.escape(m['backend'])}</td>"
                 f"<td>{html.escape(str(m.get('device') or '—'))}</td><td>{state}</td>"
-                f"<td>{format_bytes(m['memory_bytes'])}</td><td>{holders or '—'}</td><td>{m['in_flight']}</td></tr>"
+                f"<td>{format_bytes(m['memory_bytes'])}</td><td>{html.escape(cache_cell(m))}</td>"
+                f"<td>{holders or '—'}</td><td>{m['in_flight']}</td></tr>"
             )
         if rows:
             self.models.value = (
                 "<table><tr><th>model</th><th>backend</th><th>device</th><th>state</th><th>memory</th>"
-                "<th>held by</th><th>in flight</th></tr>" + "".join(rows) + "</table>"
+                "<th>cache</th><th>held by</th><th>in flight</th></tr>" + "".join(rows) + "</table>"
             )
         else:
             self.models.value = "<i>no models loaded</i>"

@@ -18,6 +18,17 @@ export interface ILease {
 
 export type ModelState = 'loading' | 'ready' | 'idle' | 'unloading' | 'failed';
 
+/** A model's conversation cache: saved states of recent prompts, reused by prompts that extend them. */
+export interface IPromptCache {
+  entries: number;
+  bytes: number;
+  cap_bytes: number;
+  hits: number;
+  misses: number;
+  hit_rate: number | null;
+  reused_tokens: number;
+}
+
 export interface IModelStatus {
   name: string;
   backend: string;

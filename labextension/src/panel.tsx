@@ -6,7 +6,13 @@ import { CommandRegistry } from '@lumino/commands';
 import { HTMLSelect, ReactWidget, UseSignal } from '@jupyterlab/ui-components';
 import * as React from 'react';
 
-import { IChatMessage, ICatalogEntry, IModelStatus, streamChat } from './api';
+import {
+  IChatMessage,
+  ICatalogEntry,
+  IModelStatus,
+  IPromptCache,
+  streamChat
+} from './api';
 import { CommandIDs, errorMessage } from './commands';
 import { DeploymentsSection } from './deployments';
 import { baseName, formatBytes, formatCountdown, formatTime } from './format';
@@ -219,6 +225,30 @@ function BudgetBar({ model }: { model: LlmModel }): JSX.Element | null {
   );
 }
 
+/** The conversation cache in a few words (entries, size of its cap, hit rate); nothing where there is none. */
+function CacheFact({ cache }: { cache?: IPromptCache }): JSX.Element | null {
+  if (!cache) {
+    return null;
+  }
+  if (!cache.cap_bytes) {
+    return <span title="conversation cache">cache off</span>;
+  }
+  const hits =
+    cache.hit_rate === null
+      ? ''
+      : ` · ${Math.round(cache.hit_rate * 100)}% hits`;
+  return (
+    <span
+      className="jp-LlmNb-cache"
+      title={`conversation cache: ${cache.entries} saved prompts, ${cache.hits} hits, ${cache.misses} misses, ${cache.reused_tokens} prompt tokens not read again`}
+    >
+      cache {cache.entries} · {formatBytes(cache.bytes)} of{' '}
+      {formatBytes(cache.cap_bytes)}
+      {hits}
+    </span>
+  );
+}
+
 function ModelCard({
   model,
   commands
@@ -248,6 +278,9 @@ function ModelCard({
         <span title="backend">{model.backend}</span>
         <span title="device">{model.device ?? '…'}</span>
         <span title="measured memory of its worker">{memory}</span>
+        <CacheFact
+          cache={model.info.prompt_cache as IPromptCache | undefined}
+        />
         {model.in_flight + model.waiting > 0 && (
           <span title="requests running and waiting">
             {model.in_flight} running, {model.waiting} waiting
