@@ -410,10 +410,9 @@ class TransformersBackend(Backend):
         return info
 
     def _cache_stats(self) -> dict[str, Any] | None:
-        engine = getattr(self, "engine", None)
-        if engine is None or getattr(engine, "prompt_cache", None) is None:
+        if getattr(self, "engine", None) is None:  # an encoder: nothing generates, nothing is cached
             return None
-        return {**engine.prompt_cache.stats(), "device": self.device.type}
+        return {**self.engine.prompt_cache.stats(), "device": self.device.type}
 
     def close(self) -> None:
         if getattr(self, "engine", None) is not None:

@@ -107,9 +107,9 @@ class LoadedModel:
         """What counts against the budget: measured, or the estimate while loading."""
         if self.state == "failed" or self.spec.backend == "remote":
             return 0
-        if self.state == "loading":
-            return max(self.measured["gpu_bytes" if kind == "gpu" else "rss_bytes"], self.estimate_bytes)
         measured = self.measured["gpu_bytes"] if kind == "gpu" else self.measured["rss_bytes"]
+        if self.state == "loading":
+            return max(measured, self.estimate_bytes)
         return measured + self.cache_room(kind)
 
     def cache_room(self, kind: str) -> int:
