@@ -61,7 +61,9 @@ class Finished:
     finish_reason: str  # "stop", "length" or "cancelled"
     prompt_tokens: int
     completion_tokens: int
-    prompt_cache: dict | None = None  # the conversation cache's figures after this request (prompt_cache.stats)
+    #: The conversation cache's figures after this request (prompt_cache.stats): about the model, not
+    #: about this reply, so two finishes of the same generation compare equal whatever they say.
+    prompt_cache: dict | None = field(default=None, compare=False)
 
 
 GenerationEvent = TextDelta | Finished
