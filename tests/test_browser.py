@@ -200,6 +200,10 @@ def test_panel_shows_the_notebook_as_holder_chats_and_force_unloads(lab, browser
         reply = panel.locator(".jp-LlmNb-turn-assistant").last
         assert reply.inner_text().strip() not in ("", "…")
         assert "jp-mod-error" not in (reply.get_attribute("class") or "")
+        # The model's conversation cache, updated after the chat: entries, bytes of its cap, hit rate.
+        cache = card.locator(".jp-LlmNb-cache", has_text="hits")
+        cache.wait_for(timeout=MODEL_S)
+        assert re.search(r"cache \d+ · .* of .*MiB · \d+% hits", cache.inner_text()), cache.inner_text()
         shoot(panel, "panel-chat.png")
 
         # Ticked "JSON" with a schema, the reply is JSON of that shape (decoding is constrained on the host).

@@ -87,6 +87,7 @@ class LoadedModel:
         self.estimate_bytes = estimate_bytes
         self.measured = {"rss_bytes": 0, "gpu_bytes": 0}
         self.info: dict = {}
+        self.cache_shown: dict | None = None  # the conversation cache's figures as the last status event had them
         self.progress: dict = {}
         self.failure: str | None = None
         self.requests_served = 0

@@ -425,6 +425,11 @@ class Registry:
         for model in list(self.models.values()):
             if model.state == "ready":
                 await self._measure(model, gpu_by_pid)
+            # The cache's figures come with each finished request; panels hear of them here, at
+            # most once a check, not once a request.
+            if model.info.get("prompt_cache") != model.cache_shown:
+                model.cache_shown = model.info.get("prompt_cache")
+                changed = True
             if model.state == "ready" and model.runner is not None and await model.runner.refresh_health():
                 model.info = await model.runner.info()
                 changed = True
