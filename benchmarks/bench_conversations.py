@@ -13,7 +13,7 @@ and a long question), then:
 Replies are greedy and 8 tokens; medians of time to first token per turn. Usage:
 
     python benchmarks/bench_conversations.py [--notebooks 1,2,4,8] [--tokens 500,1500,4000]
-        [--backends llamacpp,transformers] [--rounds 2] [--threads 1]
+        [--backends llamacpp,transformers] [--rounds 2] [--threads 1] [--cache on,off]
 
 A conversation longer than the context is left out (llama.cpp is loaded with
 n_ctx 8192 here; transformers with its default of 4096). Without the cache every
@@ -89,6 +89,7 @@ def main() -> int:
     parser.add_argument("--backends", default="llamacpp,transformers")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cache", default="on,off", help="which of the two loads to measure")
     args = parser.parse_args()
     counts = [int(n) for n in args.notebooks.split(",")]
     lengths = [int(n) for n in args.tokens.split(",")]
@@ -100,7 +101,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder, running_host(Path(folder)) as (_, conn):
         clients = [notebook(conn, i) for i in range(max(counts))]
         for backend in args.backends.split(","):
-            for cache in ("on", "off"):
+            for cache in args.cache.split(","):
                 name = f"{backend}-cache-{cache}"
                 options = {
                     "n_ctx": CONTEXT[backend],

@@ -48,6 +48,8 @@ def test_the_longest_prefix_wins_and_a_longer_state_supersedes_its_prefix():
     assert entry.state == "a60" and shared == 60
     cache.put(a, "a100", 100)  # the same conversation, a turn later: its shorter state goes
     assert sorted(e.state for e in cache.entries) == ["a100", "b"]
+    cache.remove(cache.longest(b)[0])
+    assert [e.state for e in cache.entries] == ["a100"]
     assert cache.holds(a[:70]) and not cache.holds(as_ids(range(101)))
     assert cache.longest(as_ids([9, 9, 9]))[1] == 0
 
@@ -66,6 +68,35 @@ def test_the_cap_holds_by_evicting_the_least_recently_used():
     cache.record(3)
     stats = cache.stats()
     assert (stats["hits"], stats["misses"], stats["hit_rate"], stats["bytes"]) == (1, 1, 0.5, 200)
+
+
+def round_robin_hits(conversations: int, room: int, turns: int, protect: bool) -> int:
+    """Notebooks taking turns as the llama.cpp backend saves and restores them: the context holds one
+    conversation; switching away saves it, with when it was used before its current turn."""
+    cache = PromptCache(room * 100)
+    chats = [as_ids([n] * 64) for n in range(conversations)]
+    live, live_previous, hits = None, None, 0
+    for turn in range(turns):
+        wanted = turn % conversations
+        entry, shared = cache.longest(chats[wanted])
+        found = entry is not None and shared > 0
+        previous = entry.last_used if found else cache.last_seen(chats[wanted])
+        if found:
+            hits += 1
+            cache.remove(entry)  # into the context
+        if live is not None:
+            cache.put(chats[live], live, 100, keep_newer_than=live_previous if protect else None)
+        live, live_previous = wanted, previous
+    return hits
+
+
+def test_taking_turns_over_more_conversations_than_fit_keeps_most_of_them():
+    # Five notebooks in turn, room for three saved conversations beside the one in the context.
+    lru_only = round_robin_hits(5, 3, 50, protect=False)
+    protected = round_robin_hits(5, 3, 50, protect=True)
+    assert lru_only == 0  # plain LRU evicts each conversation just before its turn
+    assert protected >= 25, protected  # most turns still find their conversation (3 in each round of 5)
+    assert round_robin_hits(4, 3, 40, protect=True) == 36  # when they fit, every turn after the first round
 
 
 # --- the backends, in this process ----------------------------------------------------------

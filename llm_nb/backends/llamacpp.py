@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import os
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -172,6 +173,9 @@ class LlamaCppBackend(Backend):
         self.cache = PromptCache(
             DEFAULT_CONTEXTS * self.llm.n_ctx() * self.kv_bytes_per_token() if cap is None else cap
         )
+        #: (when the context's conversation was used before its current turn, when that turn began)
+        self._live_used: tuple[float | None, float] = (None, time.monotonic())
+        self._live_buffer: np.ndarray | None = None  # the buffer the context's conversation came from
         progress("ready", 1.0)
 
     def cache_stats(self) -> dict[str, Any]:
@@ -190,43 +194,50 @@ class LlamaCppBackend(Backend):
     def _prepare_context(self, tokens: list[int]) -> None:
         """Make the context hold the longest prefix of ``tokens`` that is to be had: what it holds
         already, or a cached state that shares more. A conversation the context would lose is saved
-        first. ``Llama.generate`` then reads only the rest of the prompt."""
+        first; a state restored into the context leaves the cache (the context holds it now, and saves
+        it again when it moves on). ``Llama.generate`` then reads only the rest of the prompt."""
         prompt = as_ids(tokens)
         live = self.llm.input_ids[: self.llm.n_tokens]
         in_context = common_prefix(live, prompt)
         entry, cached = self.cache.longest(prompt)
         restore = entry is not None and cached >= in_context + MIN_PREFIX_TOKENS
         kept = cached if restore else in_context
+        now = time.monotonic()
         if restore:
-            self.cache.touch(entry)  # the most recent now: saving the context must not evict it
+            self.cache.remove(entry)  # before saving the context: making room must not evict it
         # What the context holds past the prompt's shared prefix is lost to this request: keep it.
         if len(live) - in_context >= MIN_PREFIX_TOKENS and not self.cache.holds(live):
             self._save_context(live.copy())
         if restore and not self._restore(entry):
-            kept = 0
+            kept = restore = 0
         self.cache.record(kept)
+        # When the conversation now in the context was used before this turn (None: never).
+        if restore:
+            self._live_used, self._live_buffer = (entry.last_used, now), entry.state
+        elif kept >= MIN_PREFIX_TOKENS:
+            self._live_used = (self._live_used[1], now)
+        else:  # new here, or back after its eviction
+            self._live_used, self._live_buffer = (self.cache.last_seen(prompt), now), None
 
     def _save_context(self, tokens) -> None:
-        """Save the context's sequence into the cache: into the buffer of the state it grew from where
-        that has room, else into a new one with room for a few more turns. (A fresh buffer costs more
-        to fault in than the copy itself: 20 ms against 4 for 30 MiB, measured here.)"""
+        """Save the context's sequence into the cache: into the buffer it was restored from where that
+        has room, else into a new one with room for a few more turns. (A fresh buffer costs more to
+        fault in than the copy itself: 20 ms against 4 for 30 MiB, measured here.)"""
         import llama_cpp
 
         ctx = self.llm._ctx.ctx
         size = llama_cpp.llama_state_seq_get_size(ctx, 0)
         if not size or size > self.cache.cap_bytes:
             return
-        previous = self.cache.take_superseded(tokens, lambda entry: entry.nbytes >= size)
-        if previous is not None:
-            buffer = previous.state
-        else:
+        buffer, self._live_buffer = self._live_buffer, None
+        if buffer is None or buffer.nbytes < size:
             step = CACHE_ROOM_TOKENS * self.kv_bytes_per_token()
             buffer = np.empty(min(-(-size // step) * step, self.cache.cap_bytes), dtype=np.uint8)
         written = llama_cpp.llama_state_seq_get_data(
             ctx, buffer.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size, 0
         )
         if written:
-            self.cache.put(tokens, buffer, buffer.nbytes, used=written)
+            self.cache.put(tokens, buffer, buffer.nbytes, used=written, keep_newer_than=self._live_used[0])
 
     def _restore(self, entry) -> bool:
         import llama_cpp

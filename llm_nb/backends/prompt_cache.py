@@ -12,9 +12,10 @@ under a byte cap, least recently used out first, and counts hits.
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +65,9 @@ class PromptCache:
         self.misses = 0  # requests that read their prompt from the start
         self.reused_tokens = 0
         self.evictions = 0
+        #: The tokens of recently evicted entries and when they were last used: a conversation that
+        #: comes back after its eviction still has a past (``last_seen``).
+        self._evicted: collections.deque[tuple[np.ndarray, float]] = collections.deque(maxlen=64)
         self._lock = threading.Lock()
 
     @property
@@ -89,31 +93,57 @@ class PromptCache:
         with self._lock:
             return any(_extends(e.tokens, tokens) for e in self.entries)
 
+    def last_seen(self, tokens: np.ndarray) -> float | None:
+        """When the evicted entry that shares the longest prefix with ``tokens`` was last used, if any does."""
+        with self._lock:
+            best, length = None, MIN_PREFIX_TOKENS - 1
+            for evicted, last_used in self._evicted:
+                shared = common_prefix(evicted, tokens)
+                if shared > length:
+                    best, length = last_used, shared
+            return best
+
     def touch(self, entry: Entry) -> None:
         entry.last_used = time.monotonic()
 
-    def take_superseded(self, tokens: np.ndarray, fits: Callable[[Entry], bool]) -> Entry | None:
-        """Remove and return an entry that ``tokens`` extends and that ``fits``: the turn before of the
-        conversation being saved, whose buffer can take the new state (no new memory to fault in)."""
+    def remove(self, entry: Entry) -> None:
+        """Take ``entry`` out: its state is going back into the model's context, which then holds it."""
         with self._lock:
-            for entry in self.entries:
-                if _extends(tokens, entry.tokens) and fits(entry):
-                    self.entries.remove(entry)
-                    return entry
-            return None
+            if entry in self.entries:
+                self.entries.remove(entry)
 
-    def put(self, tokens: np.ndarray, state: Any, nbytes: int, used: int | None = None) -> bool:
-        """Keep ``state`` for ``tokens``; entries it extends go, then the least recently used until it fits."""
+    def put(
+        self,
+        tokens: np.ndarray,
+        state: Any,
+        nbytes: int,
+        used: int | None = None,
+        keep_newer_than: float | None = None,
+    ) -> bool:
+        """Keep ``state`` for ``tokens``; entries it extends go, then the least recently used until it fits.
+
+        ``keep_newer_than``: when the conversation being saved was last used before this turn (None: it
+        is new). Entries used since then are not evicted for it; if it only fits by evicting them, it is
+        not kept. Notebooks that take turns over more conversations than the cap holds then keep most of
+        them warm, where plain LRU would evict each one just before its turn comes round again.
+        """
         if nbytes > self.cap_bytes:
             return False
         with self._lock:
             # An entry whose tokens are a prefix of these is superseded: this state answers all it would.
-            self.entries = [e for e in self.entries if not _extends(tokens, e.tokens)]
-            self.entries.append(Entry(tokens, state, nbytes, nbytes if used is None else used))
-            self.entries.sort(key=lambda e: e.last_used)
-            while sum(e.nbytes for e in self.entries) > self.cap_bytes:
-                self.entries.pop(0)
+            kept = [e for e in self.entries if not _extends(tokens, e.tokens)]
+            kept.sort(key=lambda e: e.last_used)
+            evictable = [e for e in kept if keep_newer_than is None or e.last_used < keep_newer_than]
+            over = sum(e.nbytes for e in kept) + nbytes - self.cap_bytes
+            if over > sum(e.nbytes for e in evictable):
+                return False  # room only at the cost of conversations in use more often than this one
+            while over > 0:
+                victim = evictable.pop(0)
+                kept.remove(victim)
+                over -= victim.nbytes
                 self.evictions += 1
+                self._evicted.append((victim.tokens, victim.last_used))
+            self.entries = [*kept, Entry(tokens, state, nbytes, nbytes if used is None else used)]
             return True
 
     def record(self, reused: int) -> None:

@@ -19,7 +19,7 @@ and placed by ``llm_nb.backends.transformers_options``):
 ``max_batch``   most requests decoded together (default 8 on CPU, 16 on CUDA)
 ``n_threads``   torch CPU threads (default: one fewer than the cores, at least 1)
 ``cache_bytes`` cap of the prompt cache (KV of recent prompts, reused by prompts that extend
-                them); default a quarter of the weights, 0 turns it off
+                them); default a quarter of the weights, at least two full contexts' KV; 0: off
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from ..errors import BackendUnavailable, ContextLengthExceeded, InvalidRequest, 
 from .base import Backend, GenerationEvent, GenerationRequest, Progress, check_token_ids, tokenize_chat_prompt
 from .constraints import Constraint
 from .transformers_options import (
+    CACHE_MIN_CONTEXTS,
     CACHE_SHARE_OF_WEIGHTS,
     check_quantize,
     check_task,
@@ -159,7 +160,8 @@ class TransformersBackend(Backend):
             cap = options.get("cache_bytes")
             if cap is None:
                 weights = sum(p.numel() * p.element_size() for p in model.parameters())
-                cap = int(weights * CACHE_SHARE_OF_WEIGHTS)
+                context_kv = self.n_ctx * self._kv_bytes_per_token()
+                cap = max(int(weights * CACHE_SHARE_OF_WEIGHTS), CACHE_MIN_CONTEXTS * context_kv)
             self.engine = BatchEngine(
                 model,
                 self.tokenizer,
@@ -175,6 +177,17 @@ class TransformersBackend(Backend):
             self.embed_lock = threading.Lock()
             self._specials: tuple[list[int], list[int]] | None = None
         progress("ready", 1.0)
+
+    def _kv_bytes_per_token(self) -> int:
+        """One token's keys and values over all layers, in the model's dtype (0 where the config says not)."""
+        config = self.model_config
+        layers, heads = getattr(config, "num_hidden_layers", None), getattr(config, "num_attention_heads", None)
+        if not layers or not heads:
+            return 0
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        itemsize = self.torch.empty((), dtype=self.model.dtype).element_size()
+        return 2 * layers * kv_heads * head_dim * itemsize
 
     def _check_ctx(self, wanted: int | None, positions: int | None) -> None:
         if wanted and positions and wanted > positions:

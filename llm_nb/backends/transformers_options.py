@@ -29,9 +29,11 @@ LOAD_OPTIONS: dict[str, type] = {
     "attn_implementation": str,
     "cache_bytes": int,
 }
-#: The conversation cache's default cap, as a share of the weights' bytes: the cache lives where the
-#: model does (on a GPU, beside the batch's own KV), so it is sized by what the model already takes.
+#: The conversation cache's default cap: a share of the weights' bytes (the cache lives where the model
+#: does, on a GPU beside the batch's own KV, so it is sized by what the model already takes), but room
+#: for at least this many full contexts' KV, which small models with long contexts need.
 CACHE_SHARE_OF_WEIGHTS = 0.25
+CACHE_MIN_CONTEXTS = 2
 DTYPES = {
     "auto": "auto",
     "float32": "float32",

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 
 from ..backends.prompt_cache import DEFAULT_CONTEXTS
-from ..backends.transformers_options import CACHE_SHARE_OF_WEIGHTS
+from ..backends.transformers_options import CACHE_MIN_CONTEXTS, CACHE_SHARE_OF_WEIGHTS
 from ..catalog import ModelSpec
 
 log = logging.getLogger("llm_nb.host.memory")
@@ -237,13 +237,19 @@ def estimate(spec: ModelSpec) -> int:
             weights //= 2
     n_ctx = int(options.get("n_ctx") or options.get("ctx") or min(shape.get("context") or 4096, 4096))
     kv = kv_cache_bytes(shape, n_ctx)
-    return weights + kv + prompt_cache_bytes(spec, kv, weights) + overhead
+    # What a full context's KV takes in the cache: transformers keeps it in the model's dtype.
+    cached_kv = (
+        kv_cache_bytes(shape, n_ctx, _DTYPE_BYTES[_transformers_dtype(options)])
+        if spec.backend == "transformers"
+        else kv
+    )
+    return weights + kv + prompt_cache_bytes(spec, cached_kv, weights) + overhead
 
 
 def prompt_cache_bytes(spec: ModelSpec, context_kv: int, weights: int) -> int:
     """The cap of a model's conversation cache, as its backend sets it by default (llama.cpp: four full
-    contexts' KV; transformers: a quarter of the weights), admitted with the model so that the cache
-    can fill up without taking the budget past its size."""
+    contexts' KV; transformers: a quarter of the weights, at least two contexts' KV), admitted with the
+    model so that the cache can fill up without taking the budget past its size."""
     asked = (spec.options or {}).get("cache_bytes")
     if asked is not None:
         try:
@@ -253,7 +259,7 @@ def prompt_cache_bytes(spec: ModelSpec, context_kv: int, weights: int) -> int:
     if spec.backend == "llamacpp":
         return DEFAULT_CONTEXTS * context_kv
     if spec.backend == "transformers" and not spec.task:
-        return int(weights * CACHE_SHARE_OF_WEIGHTS)
+        return max(int(weights * CACHE_SHARE_OF_WEIGHTS), CACHE_MIN_CONTEXTS * context_kv)
     return 0
 
 
