@@ -26,7 +26,6 @@ import collections
 import inspect
 import logging
 import queue
-import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,11 +35,9 @@ from .base import Finished, GenerationEvent, GenerationRequest, StopBuffer, Text
 from .constraints import LogprobQueue, logprob_entry
 from .detokenizer import Detokenizer
 from .prompt_cache import MIN_PREFIX_TOKENS, PromptCache, as_ids
+from .sampling import pick, plain_greedy
 
 log = logging.getLogger("llm_nb.backends.batching")
-
-#: How many recent tokens ``repeat_penalty`` looks at, as llama.cpp does (``repeat_last_n``).
-REPEAT_LAST_N = 64
 
 
 @dataclass
@@ -341,7 +338,7 @@ class BatchEngine:
         greedy = logits.argmax(dim=-1).tolist()
         keep = []
         for i, seq in enumerate(self.rows):
-            token = greedy[i] if _plain_greedy(seq.request) and not seq.guided else self._sample(seq, logits[i])
+            token = greedy[i] if plain_greedy(seq.request) and not seq.guided else self._sample(seq, logits[i])
             self._accept(seq, token)
             if not seq.done:
                 self.next_tokens[i] = token
@@ -386,7 +383,7 @@ class BatchEngine:
         if seq.constraint is not None:
             allowed = torch.from_numpy(seq.constraint.allowed(logits.shape[-1])).to(logits.device)
             logits = logits.masked_fill(~allowed, float("-inf"))
-        token = self._pick(seq, logits)
+        token = pick(self.torch, seq, logits, self.device)
         if raw is not None:
             seq.last_entry = logprob_entry(raw, token, request.logprobs, seq.token_bytes or self._piece)
         return token
@@ -394,59 +391,6 @@ class BatchEngine:
     def _piece(self, token: int) -> bytes:
         with self.tokenizer_lock:
             return self.tokenizer.decode([token]).encode("utf-8")
-
-    def _pick(self, seq: Sequence, logits) -> int:
-        """Penalties, then greedy or sampling (temperature, top-k, min-p, top-p, the row's seed)."""
-        torch = self.torch
-        request = seq.request
-        logits = _apply_penalties(torch, logits, seq)
-        if request.temperature <= 0:
-            return int(logits.argmax())
-        logits = logits / request.temperature
-        vocab = logits.shape[-1]
-        if request.top_k and 0 < request.top_k < vocab:
-            kth = torch.topk(logits, request.top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        if request.min_p and request.min_p > 0:
-            probs = probs.masked_fill(probs < request.min_p * probs.max(), 0.0)
-        if request.top_p is not None and request.top_p < 1.0:
-            ordered, order = torch.sort(probs, descending=True)
-            cumulative = torch.cumsum(ordered, dim=-1)
-            cut = cumulative - ordered > request.top_p  # keep the smallest set reaching top_p
-            ordered = ordered.masked_fill(cut, 0.0)
-            probs = torch.zeros_like(probs).scatter(0, order, ordered)
-        if seq.generator is None:
-            seed = request.seed if request.seed is not None else random.getrandbits(63)
-            seq.generator = torch.Generator(device=self.device).manual_seed(int(seed))
-        return int(torch.multinomial(probs / probs.sum(), 1, generator=seq.generator))
-
-
-def _plain_greedy(request: GenerationRequest) -> bool:
-    """Greedy with no penalties: the batch-wide argmax is this row's token."""
-    no_penalty = (
-        request.repeat_penalty in (None, 1.0) and not request.presence_penalty and not request.frequency_penalty
-    )
-    return request.temperature <= 0 and no_penalty
-
-
-def _apply_penalties(torch, logits, seq: Sequence):
-    request = seq.request
-    if request.repeat_penalty and request.repeat_penalty != 1.0:
-        recent = (seq.prompt_ids + seq.generated)[-REPEAT_LAST_N:]
-        if recent:
-            index = torch.tensor(sorted(set(recent)), dtype=torch.long, device=logits.device)
-            picked = logits.index_select(0, index)
-            picked = torch.where(picked > 0, picked / request.repeat_penalty, picked * request.repeat_penalty)
-            logits = logits.index_copy(0, index, picked)
-    if (request.presence_penalty or request.frequency_penalty) and seq.generated:
-        counts = collections.Counter(seq.generated)
-        index = torch.tensor(list(counts), dtype=torch.long, device=logits.device)
-        times = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)
-        logits = logits.index_add(
-            0, index, -(times * (request.frequency_penalty or 0.0) + (request.presence_penalty or 0.0))
-        )
-    return logits
 
 
 def _returned_cache(out: Any) -> Any:
