@@ -155,10 +155,6 @@ class PromptCache:
             else:
                 self.misses += 1
 
-    def clear(self) -> None:
-        with self._lock:
-            self.entries.clear()
-
     def stats(self) -> dict[str, Any]:
         with self._lock:
             asked = self.hits + self.misses
