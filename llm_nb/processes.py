@@ -59,6 +59,36 @@ def die_with_parent(
     threading.Thread(target=wait_for_eof, name="parent-watch", daemon=True).start()
 
 
+def end_tree(grace: float, root: int | None = None) -> None:
+    """SIGTERM every descendant of ``root`` (default: this process), then SIGKILL what is left after
+    ``grace`` seconds. Looks again after each round: a dying parent may still start a child (Ray's raylet)."""
+    import psutil  # not needed by the kernel side's users of this module
+
+    try:
+        top = psutil.Process(root)
+    except psutil.Error:
+        return
+    for _ in range(3):
+        try:
+            children = top.children(recursive=True)
+        except psutil.Error:
+            return
+        if not children:
+            return
+        for child in children:
+            try:
+                child.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(children, timeout=grace)
+        for child in alive:
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=1.0)
+
+
 def describe_exit(returncode: int | None) -> str:
     """``"was killed by SIGKILL"`` or ``"exited with code 1"``: a return code, to follow "the host"."""
     if returncode is None:

@@ -27,9 +27,7 @@ import subprocess
 import sys
 import threading
 
-import psutil
-
-from .processes import PR_SET_CHILD_SUBREAPER, die_with_parent, set_prctl
+from .processes import PR_SET_CHILD_SUBREAPER, die_with_parent, end_tree, set_prctl
 
 START_TIMEOUT_S = 120.0
 HEAD_MARKER_ENV = "LLM_NB_RAY_HEAD"
@@ -75,27 +73,6 @@ def ray_start_command(args: argparse.Namespace, ports: dict[str, int]) -> list[s
     ]
 
 
-def end_tree() -> None:
-    """SIGTERM every descendant (the raylet ends its workers), then SIGKILL what is left."""
-    me = psutil.Process()
-    for _ in range(3):  # a dying raylet may still start a worker: look again
-        children = me.children(recursive=True)
-        if not children:
-            return
-        for child in children:
-            try:
-                child.terminate()
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(children, timeout=TERM_GRACE_S)
-        for child in alive:
-            try:
-                child.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=1.0)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llm_nb.ray_head", description=__doc__.splitlines()[0])
     parser.add_argument("--parent-pid", type=int, required=True)
@@ -130,13 +107,13 @@ def main(argv: list[str] | None = None) -> int:
             answer = {"address": f"127.0.0.1:{ports['--port']}", "pid": os.getpid()}
             break
         answer = {"error": f"`ray start --head` failed with exit code {started.returncode}"}
-        end_tree()  # what a failed start left, before the next try
+        end_tree(TERM_GRACE_S)  # what a failed start left, before the next try
         if done.is_set():
             break
     print(json.dumps(answer), flush=True)
     if "address" in answer:
         done.wait()
-    end_tree()
+    end_tree(TERM_GRACE_S)
     shutil.rmtree(args.temp_dir, ignore_errors=True)
     return 0 if "address" in answer else 1
 
