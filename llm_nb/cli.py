@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("load", help="load a model, or attach to it if it is loaded")
     p.add_argument("model", nargs="?", help="catalog alias or path (default: smollm2)")
     p.add_argument("--name", help="serve it under this name (load one file twice, e.g. with two backends)")
-    p.add_argument("--backend", help="llamacpp, transformers or remote")
+    p.add_argument("--backend", help="llamacpp, transformers, vllm (its own venv: make install-vllm) or remote")
     p.add_argument(
         "--keep-alive", help="seconds it stays loaded once nobody holds it (default 300; 0 frees at once; -1 never)"
     )

@@ -171,6 +171,12 @@ def user_catalog_file() -> Path | None:
     return Path(value).expanduser() if value else None
 
 
+def vllm_setting() -> Path | None:
+    """The vLLM that ``--backend vllm`` runs (``LLM_NB_VLLM``): a ``vllm`` executable, or the python of a venv that has it."""
+    value = _env("VLLM")
+    return Path(value).expanduser() if value else None
+
+
 def worker_stream_interval() -> float:
     """Seconds a worker lets tokens gather between two writes of a stream (``LLM_NB_STREAM_INTERVAL``)."""
     return float(_env("STREAM_INTERVAL", "0.05"))

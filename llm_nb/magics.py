@@ -151,7 +151,7 @@ class LlmMagics(Magics):
     @magic_arguments()
     @argument("model", nargs="?", help="catalog alias or path of a GGUF file or model folder (default: smollm2)")
     @argument("--name", help="serve it under this name")
-    @argument("--backend", help="llamacpp, transformers or remote")
+    @argument("--backend", help="llamacpp, transformers, vllm or remote")
     @argument("--device", help="auto, cpu, cuda, cuda:1 (transformers)")
     @argument("--ctx", type=int, help="context length in tokens")
     @argument("--keep-alive", help="how long it stays loaded once nobody holds it: 300, 5m, 0 (at once), -1 (never)")

@@ -58,7 +58,7 @@ def path_problem(path: str | Path, backend: str, options: dict | None = None) ->
         if backend == "llamacpp":
             return f"is not a GGUF file (it starts with {head[:8]!r}); the llama.cpp backend loads .gguf files"
         return (
-            f"is a file but not a GGUF file (it starts with {head[:8]!r}); the transformers backend loads "
+            f"is a file but not a GGUF file (it starts with {head[:8]!r}); the {backend} backend loads "
             "a model folder (with config.json) or a .gguf file"
         )
     if len(head) < _GGUF_HEADER_BYTES:

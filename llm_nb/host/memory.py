@@ -205,10 +205,51 @@ def _transformers_dtype(options: dict, stored: str | None = None) -> str:
     return "float16" if stored == "float16" else "bfloat16"
 
 
+#: vLLM's own processes (API server, engine core, worker: each a Python with torch) before weights
+#: and KV cache, as measured on CPU (RSS of the tree) and, on a GPU, its CUDA contexts and activations.
+VLLM_OVERHEAD_BYTES = {"ram": 2560 * 1024**2, "gpu": 1536 * 1024**2}
+#: vLLM's KV cache by default: room for this many full-length sequences (it pre-allocates all of it).
+VLLM_KV_CONTEXTS = {"ram": 8, "gpu": 32}
+VLLM_MIN_KV_BYTES = 256 * 1024**2
+
+
+def vllm_plan(spec: ModelSpec) -> dict:
+    """What a vLLM engine is given: its context (``--max-model-len``), its KV cache (``--kv-cache-memory-bytes``:
+    vLLM pre-allocates it, so the budget admits exactly this) and the weights and overhead it adds to them."""
+    options = spec.options or {}
+    kind = "gpu" if gpu_info() is not None and str(options.get("device") or "auto") != "cpu" else "ram"
+    path = Path(spec.path) if spec.path else None
+    shape: dict = {}
+    weights = 0
+    if path is not None and path.is_file():
+        shape = _gguf_shape(str(path))
+        weights = int(path.stat().st_size * _DTYPE_BYTES["bfloat16"] / 0.6)  # dequantised to bfloat16 for vLLM
+    elif path is not None and path.is_dir():
+        shape = _hf_shape(path)
+        weights = _files_size(path, ("*.safetensors", "*.bin", "*.pt"))
+    n_ctx = int(options.get("n_ctx") or options.get("max_model_len") or min(shape.get("context") or 4096, 4096))
+    context_kv = kv_cache_bytes(shape, n_ctx)
+    if options.get("kv_cache_bytes") is not None:
+        kv = int(options["kv_cache_bytes"])
+    else:
+        kv = max(VLLM_MIN_KV_BYTES, VLLM_KV_CONTEXTS[kind] * context_kv)
+    kv = max(kv, context_kv)  # vLLM refuses a cache that cannot hold one full-length sequence
+    return {
+        "kind": kind,
+        "max_model_len": n_ctx,
+        "kv_cache_bytes": kv,
+        "weights_bytes": weights,
+        "overhead_bytes": VLLM_OVERHEAD_BYTES[kind],
+    }
+
+
 def estimate(spec: ModelSpec) -> int:
     """Bytes a load of ``spec`` will need: weights, KV cache at its context, worker overhead."""
     if spec.backend == "remote":
         return 0
+    if spec.backend == "vllm":
+        plan = vllm_plan(spec)
+        return plan["weights_bytes"] + plan["kv_cache_bytes"] + plan["overhead_bytes"]
     overhead = WORKER_OVERHEAD_BYTES.get(spec.backend, 100 * 1024**2)
     path = Path(spec.path) if spec.path else None
     if path is None or not path.exists():
@@ -263,9 +304,19 @@ def prompt_cache_bytes(spec: ModelSpec, context_kv: int, weights: int) -> int:
     return 0
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (vLLM's engine core and workers hold the GPU memory, not its API server)."""
+    try:
+        proc = psutil.Process(pid)
+        return [pid] + [child.pid for child in proc.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
 def measure(pid: int | None, gpu_by_pid: dict[int, int] | None = None) -> dict:
-    """What a worker really holds now: RSS, and GPU bytes when NVML knows the pid."""
+    """What a worker really holds now, over its process tree: RSS, and GPU bytes where NVML knows the pids."""
     if not pid:
         return {"rss_bytes": 0, "gpu_bytes": 0}
-    gpu = (gpu_by_pid if gpu_by_pid is not None else gpu_memory_by_pid()).get(pid, 0)
+    by_pid = gpu_by_pid if gpu_by_pid is not None else gpu_memory_by_pid()
+    gpu = sum(by_pid.get(member, 0) for member in process_tree(pid)) if by_pid else 0
     return {"rss_bytes": process_rss(pid), "gpu_bytes": gpu}

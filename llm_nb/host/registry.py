@@ -34,6 +34,8 @@ from . import memory
 from .loaded import Lease, LoadedModel, Runner
 from .remote import RemoteEngine
 from .scheduler import ModelQueue
+from .vllm import VllmEngine
+from .vllm_env import checked_spec
 from .workers import WorkerProcess, crash_advice, fault_signal, safe_name
 
 log = logging.getLogger("llm_nb.host.registry")
@@ -186,6 +188,8 @@ class Registry:
                 model.touch()
                 attached = True
             else:
+                if spec.backend == "vllm":  # a 400 that says how to install it, or names an option, before any eviction
+                    spec = checked_spec(spec)
                 need = await asyncio.to_thread(memory.estimate, spec)
                 await self._make_room(need, spec.name)
                 model = LoadedModel(
@@ -203,17 +207,15 @@ class Registry:
         return model, attached
 
     def _new_runner(self, spec: ModelSpec, api_key: str | None) -> Runner:
-        """A remote engine for a remote model, else a worker process of its own."""
+        """A remote engine for a remote model, a vLLM server for vLLM, else a worker process of its own."""
         if spec.backend == "remote":
             return RemoteEngine(spec, api_key)
-        self._worker_seq += 1
-        # Short socket names: a Unix socket path must fit in 107 bytes.
-        return WorkerProcess(
-            spec,
-            self.runtime_dir / f"w{self._worker_seq}.sock",
-            self.log_dir / f"{safe_name(spec.name)}.log",
-            on_exit=self._worker_exited,
-        )
+        log_path = self.log_dir / f"{safe_name(spec.name)}.log"
+        if spec.backend == "vllm":
+            return VllmEngine(spec, log_path, on_exit=self._worker_exited)
+        self._worker_seq += 1  # short socket names: a Unix socket path must fit in 107 bytes
+        socket_path = self.runtime_dir / f"w{self._worker_seq}.sock"
+        return WorkerProcess(spec, socket_path, log_path, on_exit=self._worker_exited)
 
     async def _run_load(self, model: LoadedModel, api_key: str | None = None) -> None:
         started = time.monotonic()
@@ -275,7 +277,7 @@ class Registry:
             retry_after=max(1, round(wait)),
         )
 
-    async def _worker_exited(self, worker: WorkerProcess) -> None:
+    async def _worker_exited(self, worker: WorkerProcess | VllmEngine) -> None:
         if worker.stopping:
             return
         if fault_signal(worker.returncode):

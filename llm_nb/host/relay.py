@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+import aiohttp
 from aiohttp import web
 
 from ..errors import LlmNbError
@@ -20,12 +21,12 @@ from .remote import RemoteEngine
 
 #: Where a route keeps the request's JSON as the client sent it.
 RAW_BODY = "llm_nb.openai_body"
-#: Fields that make a request go to a remote engine unchanged.
-RELAYED_FIELDS = ("response_format", "tools", "tool_choice", "parallel_tool_calls", "logprobs", "top_logprobs", "n")
 
 
 def relayed(parsed, model: LoadedModel) -> bool:
-    return isinstance(model.runner, RemoteEngine) and any(name in parsed.model_fields_set for name in RELAYED_FIELDS)
+    """Whether the model's engine answers this request as the client wrote it (its ``relays``)."""
+    relays = getattr(model.runner, "relays", None)
+    return bool(relays and relays(parsed))
 
 
 async def relay(request: web.Request, model: LoadedModel, parsed) -> web.StreamResponse:
@@ -43,6 +44,9 @@ async def relay(request: web.Request, model: LoadedModel, parsed) -> web.StreamR
                 return json_response(answer)
             response = await start_event_stream(request)
             counted = False
+            # An engine that serves the model under this host's name (vLLM) needs no renaming: its
+            # chunks pass through as they came, unparsed.
+            rename = engine.remote_model != model.spec.name
             try:
                 async for line in remote.content:
                     if not line.startswith(b"data:"):
@@ -53,14 +57,15 @@ async def relay(request: web.Request, model: LoadedModel, parsed) -> web.StreamR
                         # its connection open a while after [DONE].
                         model.requests_served += 1
                         counted = True
-                    if data.startswith(b"{"):
+                    if rename and data.startswith(b"{"):
                         chunk = json.loads(data)
                         if isinstance(chunk, dict) and "model" in chunk:
                             chunk["model"] = model.spec.name
                         data = dumps(chunk, ensure_ascii=False).encode()
                     await response.write(b"data: " + data + b"\n\n")
-            except LlmNbError as exc:  # the remote died mid-stream: say so in-band
-                await response.write(b"data: " + json.dumps(exc.to_json()).encode() + b"\n\n")
+            except (LlmNbError, aiohttp.ClientError, TimeoutError) as exc:  # the engine died mid-stream: say so in-band
+                error = await engine.lost(exc)
+                await response.write(b"data: " + json.dumps(error.to_json()).encode() + b"\n\n")
             if not counted:
                 model.requests_served += 1
             model.touch()

@@ -34,6 +34,8 @@ from ..errors import InvalidRequest, LlmNbError, ModelFailed, ModelNotFound, Que
 log = logging.getLogger("llm_nb.host.remote")
 HEALTH_INTERVAL_S = 15.0
 DEFAULT_CONCURRENCY = 4
+#: Fields that make a request go to a remote engine unchanged: it serves them itself.
+RELAYED_FIELDS = ("response_format", "tools", "tool_choice", "parallel_tool_calls", "logprobs", "top_logprobs", "n")
 #: Keys of a worker request that are not sampling parameters of the OpenAI request.
 _NOT_SAMPLING = ("kind", "messages", "prompt", "stop", "stream", "grammar", "tools", "logprobs")
 
@@ -99,6 +101,32 @@ class RemoteEngine:
         self.latency_ms: float | None = None
         self._checked = 0.0
         self._in_flight = 0  # requests being answered: no health checks meanwhile (refresh_health)
+
+    @property
+    def where(self) -> str:
+        """The engine, as errors name it."""
+        return f"the remote engine at {self.base}"
+
+    def relays(self, parsed) -> bool:
+        """Whether this request goes to the engine as the client wrote it (``host.relay``): fields the
+        engine serves itself (tools, formats, logprobs, n); plain requests take the shared path."""
+        return any(name in parsed.model_fields_set for name in RELAYED_FIELDS)
+
+    def relay_body(self, body: dict) -> dict:
+        """The client's request as the engine gets it."""
+        return dict(body, model=self.remote_model)
+
+    def request_extras(self, request: dict) -> dict:
+        """Fields of the engine's own that carry what the OpenAI request cannot (none for a plain remote)."""
+        return {}
+
+    async def lost(self, exc: BaseException) -> LlmNbError:
+        """What to say when the connection to the engine broke mid-request."""
+        if isinstance(exc, LlmNbError):
+            return exc
+        if isinstance(exc, TimeoutError):
+            return Timeout(f"{self.where} did not answer within {self.timeout:.0f} s")
+        return RemoteError(f"lost {self.where} mid-request: {self._scrub(str(exc)) or type(exc).__name__}")
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._api_key, "***") if self._api_key else text
@@ -195,7 +223,7 @@ class RemoteEngine:
             message = message or (detail.get("detail") if isinstance(detail, dict) else None) or text
         except ValueError:
             message = text
-        where = f"the remote engine at {self.base}"
+        where = self.where
         if response.status == 429:
             return QueueFull(
                 f"{where} is busy (429): {message}", retry_after=int(response.headers.get("Retry-After", "1") or 1)
@@ -224,12 +252,8 @@ class RemoteEngine:
                 if remote.status >= 400:
                     raise await self._remote_error(remote)
                 yield remote
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-            raise RemoteError(
-                f"lost the remote engine at {self.base} mid-request: {self._scrub(str(exc)) or type(exc).__name__}"
-            ) from exc
-        except TimeoutError:
-            raise Timeout(f"the remote engine at {self.base} did not answer within {self.timeout:.0f} s") from None
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+            raise await self.lost(exc) from exc
         finally:
             self._in_flight -= 1
 
@@ -238,7 +262,7 @@ class RemoteEngine:
         """POST an OpenAI request as a client wrote it (``host.relay``); the answer is read inside the block."""
         if refused := self._openai_only():
             raise refused
-        async with self._post(path, dict(body, model=self.remote_model)) as remote:
+        async with self._post(path, self.relay_body(body)) as remote:
             yield remote
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:
@@ -251,6 +275,7 @@ class RemoteEngine:
         if refused := self._openai_only():
             raise refused
         path, body = openai_request(request, self.remote_model)
+        body.update(self.request_extras(request))
         stream = request.get("stream", True)
         if stream:
             body.update(stream=True, stream_options={"include_usage": True})
@@ -280,14 +305,14 @@ class RemoteEngine:
             chunk = json.loads(data)
             if "error" in chunk:
                 error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": chunk["error"]}
-                raise RemoteError(f"the remote engine at {self.base} failed: {self._scrub(str(error.get('message')))}")
+                raise RemoteError(f"{self.where} failed: {self._scrub(str(error.get('message')))}")
             usage = chunk.get("usage") or usage
             for choice in chunk.get("choices") or []:
                 text = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
                 if text:
                     yield {"text": text}
                 finish_reason = choice.get("finish_reason") or finish_reason
-        raise RemoteError(f"the remote engine at {self.base} ended the stream early")
+        raise await self.lost(RemoteError(f"{self.where} ended the stream early"))
 
     async def embed(self, inputs: list[str | list[int]]) -> dict:
         if refused := self._openai_only():
