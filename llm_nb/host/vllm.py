@@ -43,7 +43,7 @@ from . import memory
 from .remote import RemoteEngine
 from .vllm_env import chat_template, converted_folder, require_vllm, tool_parser_for, vllm_python
 from .vllm_log import error_lines, read_new, stage_of
-from .workers import LOG_TAIL_LINES, crash_advice, fault_signal, tail
+from .workers import crash_reason, crashed_error, tail
 
 log = logging.getLogger("llm_nb.host.vllm")
 
@@ -185,19 +185,10 @@ class VllmEngine(RemoteEngine):
         return self.crashed_error()
 
     def crash_reason(self) -> str:
-        reason = f"the vLLM server of {self.spec.name!r} {describe_exit(self.returncode)}"
-        if fault_signal(self.returncode):
-            reason += " (a fault in vLLM's native code, not a lack of memory)"
-        last = tail(self.log_path, LOG_TAIL_LINES)
-        return f"{reason}; last lines of its log ({self.log_path}):\n{last}" if last else reason
+        return crash_reason("the vLLM server", self.spec, self.returncode, self.log_path)
 
     def crashed_error(self) -> ModelCrashed:
-        advice = crash_advice(self.spec, self.returncode)
-        return ModelCrashed(
-            self.crash_reason()
-            + (f"\n{advice}" if advice else f"\nload it again to start a fresh vLLM (`%llm_load {self.spec.name}`)"),
-            exit=describe_exit(self.returncode),
-        )
+        return crashed_error("the vLLM server", self.spec, self.returncode, self.log_path)
 
     # --- the model folder --------------------------------------------------------
     async def _model_folder(self, progress: Callable[..., None]) -> Path:

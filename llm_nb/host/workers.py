@@ -65,6 +65,27 @@ def _forced_on(value: object) -> bool:
     return str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
+def crash_reason(what: str, spec: ModelSpec, returncode: int | None, log_path: Path) -> str:
+    """``what`` ("the worker") of ``spec`` ended: how, and the end of its log."""
+    reason = f"{what} of {spec.name!r} {describe_exit(returncode)}"
+    if fault_signal(returncode):
+        reason += f" (a fault in the {spec.backend} backend's native code, not a lack of memory)"
+    last = tail(log_path, CRASH_TAIL_LINES if fault_signal(returncode) else LOG_TAIL_LINES)
+    # faulthandler's list of loaded extension modules is one long line that says nothing here.
+    last = "\n".join(line for line in last.splitlines() if not line.startswith("Extension modules:")).strip()
+    return f"{reason}; last lines of its log ({log_path}):\n{last}" if last else reason
+
+
+def crashed_error(what: str, spec: ModelSpec, returncode: int | None, log_path: Path) -> ModelCrashed:
+    """The error a request of a model whose process died gets: the crash, and what to do."""
+    advice = crash_advice(spec, returncode)
+    fresh = f"\nload it again to start a fresh one (`%llm_load {spec.name}`)"
+    return ModelCrashed(
+        crash_reason(what, spec, returncode, log_path) + (f"\n{advice}" if advice else fresh),
+        exit=describe_exit(returncode),
+    )
+
+
 def safe_name(name: str) -> str:
     """A model or deployment name as a file name (its log's)."""
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
@@ -99,21 +120,10 @@ class WorkerProcess:
         return self.process.returncode if self.process else None
 
     def crash_reason(self) -> str:
-        reason = f"the worker of {self.spec.name!r} {describe_exit(self.returncode)}"
-        if fault_signal(self.returncode):
-            reason += f" (a fault in the {self.spec.backend} backend's native code, not a lack of memory)"
-        last = tail(self.log_path, CRASH_TAIL_LINES if fault_signal(self.returncode) else LOG_TAIL_LINES)
-        # faulthandler's list of loaded extension modules is one long line that says nothing here.
-        last = "\n".join(line for line in last.splitlines() if not line.startswith("Extension modules:")).strip()
-        return f"{reason}; last lines of its log ({self.log_path}):\n{last}" if last else reason
+        return crash_reason("the worker", self.spec, self.returncode, self.log_path)
 
     def crashed_error(self) -> ModelCrashed:
-        advice = crash_advice(self.spec, self.returncode)
-        return ModelCrashed(
-            self.crash_reason()
-            + (f"\n{advice}" if advice else f"\nload it again to start a fresh worker (`%llm_load {self.spec.name}`)"),
-            exit=describe_exit(self.returncode),
-        )
+        return crashed_error("the worker", self.spec, self.returncode, self.log_path)
 
     async def start(self, timeout: float = 60.0) -> None:
         self.socket_path.unlink(missing_ok=True)
