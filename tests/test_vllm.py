@@ -131,6 +131,12 @@ def test_the_load_says_each_stage_and_status_shows_a_vllm_model(vllm_host, loade
     tree = vllm_tree(vllm_host)
     assert model["worker_pid"] == tree[0].pid
     assert any("VLLM::EngineCore" in " ".join(p.cmdline()) or p.name() == "VLLM::EngineCore" for p in tree)
+    # vLLM's own port answers only with the host's key for it, and that key is on no command line.
+    api_server = next(p for p in tree[1:] if "serve" in p.cmdline())
+    command = api_server.cmdline()
+    assert not any("api-key" in word for word in command)
+    port = command[command.index("--port") + 1]
+    assert requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).status_code == 401
     # Measured over the whole tree, and near what the budget admitted.
     assert 0.5 * model["estimate_bytes"] < model["rss_bytes"] < 2 * model["estimate_bytes"]
 
@@ -147,6 +153,19 @@ def test_chat_whole_and_streamed_give_the_same_greedy_text(loaded, oai):
         if c.choices
     ]
     assert len(pieces) > 2 and "".join(pieces) == whole.choices[0].message.content
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_a_streamed_response_streams_its_text_as_it_comes(loaded, oai):
+    deltas = [
+        event.delta
+        for event in oai.responses.create(
+            model=NAME, input="Name three colours.", max_output_tokens=24, temperature=0, stream=True
+        )
+        if event.type == "response.output_text.delta"
+    ]
+    assert len(deltas) > 2, deltas  # token by token from vLLM, not one piece at the end
 
 
 @needs_vllm

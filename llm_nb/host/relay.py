@@ -23,10 +23,10 @@ from .remote import RemoteEngine
 RAW_BODY = "llm_nb.openai_body"
 
 
-def relayed(parsed, model: LoadedModel) -> bool:
+def relayed(parsed, model: LoadedModel, passthrough: bool = True) -> bool:
     """Whether the model's engine answers this request as the client wrote it (its ``relays``)."""
     relays = getattr(model.runner, "relays", None)
-    return bool(relays and relays(parsed))
+    return bool(relays and relays(parsed, passthrough))
 
 
 async def relay(request: web.Request, model: LoadedModel, parsed) -> web.StreamResponse:

@@ -107,9 +107,13 @@ class RemoteEngine:
         """The engine, as errors name it."""
         return f"the remote engine at {self.base}"
 
-    def relays(self, parsed) -> bool:
+    def relays(self, parsed, passthrough: bool = True) -> bool:
         """Whether this request goes to the engine as the client wrote it (``host.relay``): fields the
-        engine serves itself (tools, formats, logprobs, n); plain requests take the shared path."""
+        engine serves itself (tools, formats, logprobs, n); plain requests take the shared path.
+
+        ``passthrough``: the caller passes the engine's answer on as it comes (the /v1 chat and
+        completion routes); False where it needs the answer whole (``/v1/responses``), which a
+        plain request should not wait for."""
         return any(name in parsed.model_fields_set for name in RELAYED_FIELDS)
 
     def relay_body(self, body: dict) -> dict:

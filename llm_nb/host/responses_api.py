@@ -341,7 +341,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     parsed = parse(ResponsesRequest, await read_json(request))
     model = await _served_model(request, parsed.model)
     chat = parsed.chat_request()
-    if relayed(chat, model):  # a remote engine with tools or a format: the remote serves them
+    if relayed(chat, model, passthrough=False):  # an engine with tools or a format: the engine serves them
         steps = _relayed_steps(model, chat)
     else:
         steps = _local_steps(model, chat, _worker_request(chat))  # the grammar is checked here: a 400 before queueing

@@ -37,7 +37,7 @@ import aiohttp
 from .. import tool_format
 from ..catalog import ModelSpec
 from ..config import format_bytes
-from ..errors import LlmNbError, ModelCrashed, ModelFailed
+from ..errors import InvalidRequest, LlmNbError, ModelCrashed, ModelFailed
 from ..processes import describe_exit
 from . import memory
 from .remote import RemoteEngine
@@ -148,11 +148,16 @@ class VllmEngine(RemoteEngine):
         """Nothing to poll: the process watch reports a vLLM that dies at once."""
         return False
 
-    def relays(self, parsed) -> bool:
-        """vLLM answers every request itself, but for tools where no tool parser of vLLM's fits the
-        model's template: those take the host's own tool format, grammar and parser (``generate``),
-        the same as on the local backends."""
-        return not (parsed.model_fields_set & {"tools", "tool_choice"} and self.tool_parser is None)
+    def relays(self, parsed, passthrough: bool = True) -> bool:
+        """vLLM answers every request itself where its chunks pass through (the plain ones too: its own
+        server's speed), but for tools where no tool parser of vLLM's fits the model's template: those
+        take the host's own tool format, grammar and parser (``generate``), as on the local backends."""
+        if parsed.model_fields_set & {"tools", "tool_choice"} and self.tool_parser is None:
+            return False
+        return passthrough or super().relays(parsed)
+
+    async def classify(self, inputs: list, parameters: dict) -> dict:
+        raise InvalidRequest(f"{self.spec.name!r} is served by vLLM, which answers /v1 here, not /v2 infer")
 
     def relay_body(self, body: dict) -> dict:
         return dict(body, model=self.remote_model)
@@ -255,8 +260,6 @@ class VllmEngine(RemoteEngine):
             str(self.port),
             "--served-model-name",
             self.spec.name,
-            "--api-key",
-            self._api_key or "",
             "--max-model-len",
             str(self.plan["max_model_len"]),
             "--kv-cache-memory-bytes",
@@ -281,6 +284,8 @@ class VllmEngine(RemoteEngine):
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
         # No hub (the folder is local), no usage reports, and logs that say where each line came from.
         env.update(HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", PYTHONUNBUFFERED="1")
+        # The key in the environment, not on the command line, which every user of the machine can read.
+        env["VLLM_API_KEY"] = self._api_key or ""
         if self.plan["kind"] == "ram":
             env.setdefault("VLLM_TARGET_DEVICE", "cpu")
         return env
@@ -290,8 +295,7 @@ class VllmEngine(RemoteEngine):
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         args = self.serve_args()
         with open(self.log_path, "ab", buffering=0) as log_file:
-            shown = " ".join(a if a != self._api_key else "***" for a in args)
-            log_file.write(f"llm-nb: starting vllm {shown}\n".encode())
+            log_file.write(f"llm-nb: starting vllm {' '.join(args)}\n".encode())
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
