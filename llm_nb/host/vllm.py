@@ -94,7 +94,7 @@ class VllmEngine(RemoteEngine):
         self.tool_parser: str | None = None
         self.template_has_tools = False
         self.version: str | None = None
-        self.started_at: float | None = None
+        self._watch: asyncio.Task | None = None
 
     # --- what the runner interface asks ---------------------------------------
     @property
@@ -311,7 +311,6 @@ class VllmEngine(RemoteEngine):
                 env=self._env(),
                 start_new_session=True,  # one process group: the last resort ends all of it
             )
-        self.started_at = time.monotonic()
         self._watch = asyncio.create_task(self._wait_exit())
         progress(
             f"starting vLLM ({format_bytes(self.plan['kv_cache_bytes'])} KV cache, "
