@@ -36,7 +36,7 @@ from .remote import RemoteEngine
 from .scheduler import ModelQueue
 from .vllm import VllmEngine
 from .vllm_env import checked_spec
-from .workers import WorkerProcess, crash_advice, fault_signal, safe_name
+from .workers import WatchedProcess, WorkerProcess, crash_advice, fault_signal, safe_name
 
 log = logging.getLogger("llm_nb.host.registry")
 
@@ -277,7 +277,7 @@ class Registry:
             retry_after=max(1, round(wait)),
         )
 
-    async def _worker_exited(self, worker: WorkerProcess | VllmEngine) -> None:
+    async def _worker_exited(self, worker: WatchedProcess) -> None:
         if worker.stopping:
             return
         if fault_signal(worker.returncode):

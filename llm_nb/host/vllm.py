@@ -37,13 +37,13 @@ import aiohttp
 from .. import tool_format
 from ..catalog import ModelSpec
 from ..config import format_bytes
-from ..errors import InvalidRequest, LlmNbError, ModelCrashed, ModelFailed
+from ..errors import InvalidRequest, LlmNbError, ModelFailed
 from ..processes import describe_exit
 from . import memory
 from .remote import RemoteEngine
 from .vllm_env import chat_template, converted_folder, require_vllm, tool_parser_for, vllm_python
 from .vllm_log import error_lines, read_new, stage_of
-from .workers import crash_reason, crashed_error, tail
+from .workers import WatchedProcess, tail
 
 log = logging.getLogger("llm_nb.host.vllm")
 
@@ -60,14 +60,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class VllmEngine(RemoteEngine):
+class VllmEngine(WatchedProcess, RemoteEngine):
     """One ``vllm serve`` for one model: a worker process of the host, reached over loopback HTTP."""
+
+    what = "the vLLM server"
 
     def __init__(
         self,
         spec: ModelSpec,
         log_path: Path,
-        on_exit: Callable[[VllmEngine], Awaitable[None]] | None = None,
+        on_exit: Callable[[WatchedProcess], Awaitable[None]] | None = None,
     ):
         self.command = require_vllm()
         self.model_spec = spec
@@ -86,25 +88,14 @@ class VllmEngine(RemoteEngine):
         self.spec = spec
         self.log_path = log_path
         self.on_exit = on_exit
-        self.process: asyncio.subprocess.Process | None = None
-        self.stopping = False
-        self.exited = asyncio.Event()
+        self._no_process_yet()
         self.folder: Path | None = None
         self.converted_from: str | None = None
         self.tool_parser: str | None = None
         self.template_has_tools = False
         self.version: str | None = None
-        self._watch: asyncio.Task | None = None
 
     # --- what the runner interface asks ---------------------------------------
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
-
-    @property
-    def returncode(self) -> int | None:
-        return self.process.returncode if self.process else None
-
     @property
     def where(self) -> str:
         return f"the vLLM server of {self.spec.name!r}"
@@ -188,12 +179,6 @@ class VllmEngine(RemoteEngine):
         except TimeoutError:
             return await super().lost(exc)
         return self.crashed_error()
-
-    def crash_reason(self) -> str:
-        return crash_reason("the vLLM server", self.spec, self.returncode, self.log_path)
-
-    def crashed_error(self) -> ModelCrashed:
-        return crashed_error("the vLLM server", self.spec, self.returncode, self.log_path)
 
     # --- the model folder --------------------------------------------------------
     async def _model_folder(self, progress: Callable[..., None]) -> Path:
@@ -311,7 +296,7 @@ class VllmEngine(RemoteEngine):
                 env=self._env(),
                 start_new_session=True,  # one process group: the last resort ends all of it
             )
-        self._watch = asyncio.create_task(self._wait_exit())
+        self._watch_exit()
         progress(
             f"starting vLLM ({format_bytes(self.plan['kv_cache_bytes'])} KV cache, "
             f"{self.plan['max_model_len']} tokens a sequence)",
@@ -363,17 +348,10 @@ class VllmEngine(RemoteEngine):
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError, AttributeError):
             return None
 
-    async def _wait_exit(self) -> None:
-        assert self.process is not None
-        await self.process.wait()
-        self.exited.set()
-        if not self.stopping:
-            log.warning("%s", self.crash_reason())
-            # A keeper killed outright (the OOM killer) ends nothing below it: its process group does.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-        if self.on_exit is not None:
-            await self.on_exit(self)
+    def _ended_by_itself(self) -> None:
+        # A keeper killed outright (the OOM killer) ends nothing below it: its process group does.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
 
     async def stop(self, grace: float = 5.0) -> None:
         """SIGTERM to the keeper (it ends vLLM's tree); the whole process group is SIGKILLed if it lingers."""

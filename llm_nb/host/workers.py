@@ -91,22 +91,17 @@ def safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
 
-class WorkerProcess:
-    """A worker process and the Unix-socket session that reaches it: a loaded model's runner."""
+class WatchedProcess:
+    """What every runner that is a process of the host's shares: its state, the watch on its exit, and
+    how its crash is said (``what``: "the worker", "the vLLM server")."""
 
-    def __init__(
-        self,
-        spec: ModelSpec,
-        socket_path: Path,
-        log_path: Path,
-        on_exit: Callable[[WorkerProcess], Awaitable[None]] | None = None,
-    ):
-        self.spec = spec
-        self.socket_path = socket_path
-        self.log_path = log_path
-        self.on_exit = on_exit
+    what = "the worker"
+    spec: ModelSpec
+    log_path: Path
+    on_exit: Callable[[WatchedProcess], Awaitable[None]] | None
+
+    def _no_process_yet(self) -> None:
         self.process: asyncio.subprocess.Process | None = None
-        self.session: aiohttp.ClientSession | None = None
         self.stopping = False
         self.exited = asyncio.Event()
         self._watch: asyncio.Task | None = None
@@ -120,10 +115,44 @@ class WorkerProcess:
         return self.process.returncode if self.process else None
 
     def crash_reason(self) -> str:
-        return crash_reason("the worker", self.spec, self.returncode, self.log_path)
+        return crash_reason(self.what, self.spec, self.returncode, self.log_path)
 
     def crashed_error(self) -> ModelCrashed:
-        return crashed_error("the worker", self.spec, self.returncode, self.log_path)
+        return crashed_error(self.what, self.spec, self.returncode, self.log_path)
+
+    def _watch_exit(self) -> None:
+        self._watch = asyncio.create_task(self._wait_exit())
+
+    async def _wait_exit(self) -> None:
+        assert self.process is not None
+        await self.process.wait()
+        self.exited.set()
+        if not self.stopping:
+            log.warning("%s", self.crash_reason())
+            self._ended_by_itself()
+        if self.on_exit is not None:
+            await self.on_exit(self)
+
+    def _ended_by_itself(self) -> None:
+        """What to do when the process ended without being asked to (nothing, for a worker)."""
+
+
+class WorkerProcess(WatchedProcess):
+    """A worker process and the Unix-socket session that reaches it: a loaded model's runner."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        socket_path: Path,
+        log_path: Path,
+        on_exit: Callable[[WatchedProcess], Awaitable[None]] | None = None,
+    ):
+        self.spec = spec
+        self.socket_path = socket_path
+        self.log_path = log_path
+        self.on_exit = on_exit
+        self.session: aiohttp.ClientSession | None = None
+        self._no_process_yet()
 
     async def start(self, timeout: float = 60.0) -> None:
         self.socket_path.unlink(missing_ok=True)
@@ -146,7 +175,7 @@ class WorkerProcess:
             )
         finally:
             log_file.close()
-        self._watch = asyncio.create_task(self._wait_exit())
+        self._watch_exit()
         self.session = aiohttp.ClientSession(
             connector=aiohttp.UnixConnector(path=str(self.socket_path), limit=0),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
@@ -173,15 +202,6 @@ class WorkerProcess:
                 return response.status == 200
         except (aiohttp.ClientError, OSError, TimeoutError):
             return False
-
-    async def _wait_exit(self) -> None:
-        assert self.process is not None
-        await self.process.wait()
-        self.exited.set()
-        if not self.stopping:
-            log.warning("%s", self.crash_reason())
-        if self.on_exit is not None:
-            await self.on_exit(self)
 
     # --- requests ------------------------------------------------------------
     async def _raise_for(self, response: aiohttp.ClientResponse) -> None:
