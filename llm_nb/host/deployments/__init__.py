@@ -1,8 +1,8 @@
 """Practicus-style deployments: a folder with ``model.py`` (and ``model.json``) served at ``/models/<name>/``.
 
-``files`` copies the model files that ``model.json`` names, ``manager`` runs
-each deployment's user code in a worker of its own (deploy, predict, replace,
-undeploy), or with ``engine="ray"`` as Ray Serve replicas driven from that
+``sources`` plans the model files that ``model.json`` names and ``files``
+copies them, ``manager`` runs each deployment's user code in a worker of its
+own (deploy, predict, replace, undeploy), or with ``engine="ray"`` as Ray Serve replicas driven from that
 worker (``llm_nb.backends.ray_serve``, on ``..ray_cluster``), ``versions``
 holds each version's facts, ``routes`` serves them:
 
@@ -20,7 +20,7 @@ holds each version's facts, ``routes`` serves them:
 and stay inside it), ``max_concurrency`` (predictions at once; default 8 for an
 async predict, 1 for a plain one), ``use_models`` (the models ``use_model`` may
 lease; default: any). Copies are capped by ``LLM_NB_MAX_DOWNLOAD``,
-``LLM_NB_MIN_FREE_DISK`` and ``LLM_NB_COPY_STALL`` (see ``files``).
+``LLM_NB_MIN_FREE_DISK`` and ``LLM_NB_COPY_STALL`` (see ``sources`` and ``files``).
 """
 
 from .manager import DeploymentManager

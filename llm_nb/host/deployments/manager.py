@@ -36,7 +36,8 @@ from ..registry import Registry
 from ..scheduler import ModelQueue
 from ..tokens import TokenIssuer
 from ..workers import WorkerProcess, safe_name
-from .files import CopyJob, CopyLimits, Progress, files_to_copy, read_model_json
+from .files import CopyJob, CopyLimits, Progress
+from .sources import files_to_copy, read_model_json
 from .versions import Deployment, DeploymentWorker, LiveDeployments
 
 log = logging.getLogger("llm_nb.host.deployments")
