@@ -11,7 +11,7 @@ import re
 from aiohttp import web
 from pydantic import BaseModel
 
-from .. import __version__
+from .._version import __version__
 from .http import PUBLIC_PATHS, is_v2_path, json_response
 from .responses_schema import ResponsesRequest
 from .schemas import (
