@@ -15,6 +15,7 @@ import requests
 
 from llm_nb import consume
 from llm_nb.catalog import smollm2_path
+from llm_nb.errors import InvalidRequest
 
 from .conftest import start_host
 from .test_deployments import ECHO, make_deployment
@@ -264,3 +265,24 @@ def test_the_kernel_side_modules_import_no_host_and_no_model_library():
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+def test_fire_compares_with_one_at_a_time_on_the_first_8_prompts_by_default(served):
+    url = f"{served.url}/models/echo/"
+    token = consume.get_session_token(url)
+    served_before = consume.get_meta(url, token)["requests_served"]
+    prompts = [f"prompt {i}" for i in range(100)]
+    report = consume.fire(url, prompts, concurrency=16, token=token, params={"sleep": 0.05}, progress=False)
+    sent = consume.get_meta(url, token)["requests_served"] - served_before
+    summary = report.summary
+    assert summary["errors"] == 0 and summary["retries"] == 0
+    assert sent == 108, "100 in parallel, then the first 8 again one at a time; not all 100 twice"
+    assert [r.prompt for r in report.sequential] == prompts[:8] and summary["sequential_prompts"] == 8
+    assert "one at a time (first 8 of 100 prompts)" in str(report)
+    # Time per request, 16 at once against one at a time: the sleeps overlap.
+    assert summary["speedup"] > 3, summary
+
+    whole = consume.fire(url, prompts[:6], concurrency=3, token=token, compare_sequential=True, progress=False)
+    assert len(whole.sequential) == 6 and "one at a time " in str(whole) and "(first" not in str(whole)
+    with pytest.raises(InvalidRequest, match="compare_sequential"):
+        consume.fire(url, prompts[:2], concurrency=2, token=token, compare_sequential=-1, progress=False)

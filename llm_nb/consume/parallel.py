@@ -29,6 +29,9 @@ from .endpoints import (
 )
 from .report import Report, RequestResult
 
+#: Prompts the one-at-a-time baseline sends by default: enough for a speed-up figure, not a second run.
+SEQUENTIAL_SAMPLE = 8
+
 
 @dataclass
 class _Sender:
@@ -190,7 +193,7 @@ async def afire(
     temperature: float | None = None,
     seed: int | None = None,
     params: dict | None = None,
-    compare_sequential: bool = True,
+    compare_sequential: bool | int = SEQUENTIAL_SAMPLE,
     retries: int = 3,
     backoff: float = 0.5,
     timeout: float = 600,
@@ -206,6 +209,7 @@ async def afire(
         raise InvalidRequest("fire() needs at least one prompt")
     if concurrency < 1:
         raise InvalidRequest("concurrency must be at least 1")
+    sample = sequential_sample(compare_sequential, len(prompts)) if concurrency > 1 else 0
     protocol = detect_protocol(api_url) if protocol == "auto" else protocol
     if protocol not in PROTOCOLS:
         raise InvalidRequest(f"protocol must be auto, {', '.join(PROTOCOLS)}; not {protocol!r}")
@@ -244,9 +248,24 @@ async def afire(
         label = f"{len(prompts)} prompts × {concurrency}" if progress else None
         results, wall = await _run_batch(sender, prompts, concurrency, label)
         sequential, sequential_wall = None, None
-        if compare_sequential and concurrency > 1:
-            sequential, sequential_wall = await _run_batch(sender, prompts, 1, "one at a time" if progress else None)
+        if sample:
+            label = f"one at a time ({sample} of {len(prompts)})" if progress else None
+            sequential, sequential_wall = await _run_batch(sender, prompts[:sample], 1, label)
     return Report(api_url, protocol, model, concurrency, sender.stream, results, wall, sequential, sequential_wall)
+
+
+def sequential_sample(compare_sequential: bool | int, prompts: int) -> int:
+    """How many prompts the one-at-a-time baseline sends: all for ``True``, none for ``False`` or 0,
+    else the first ``compare_sequential`` of them."""
+    if compare_sequential is True:
+        return prompts
+    if compare_sequential is False or compare_sequential is None:
+        return 0
+    if not isinstance(compare_sequential, int) or compare_sequential < 0:
+        raise InvalidRequest(
+            f"compare_sequential must be True, False or a number of prompts, not {compare_sequential!r}"
+        )
+    return min(compare_sequential, prompts)
 
 
 def _run_coroutine(factory: Callable[[], Awaitable]) -> Any:
@@ -280,8 +299,10 @@ def fire(
     **kwargs: Any,
 ) -> Report:
     """Send ``prompts`` in parallel (aiohttp) and measure: per request status, latency, time to first
-    token and tokens; p50/p90/p99, requests/s, tokens/s, errors, and the speed-up over the same
-    prompts one at a time (``compare_sequential=False`` skips that second pass).
+    token and tokens; p50/p90/p99, requests/s, tokens/s, errors, and the speed-up over one at a
+    time. That baseline sends the first ``compare_sequential`` prompts again, one by one (default 8,
+    so a large run does not double the load it puts on the endpoint; ``True``: every prompt again,
+    ``False``: no baseline); the speed-up compares time per request, and the report names the sample.
 
     ``protocol``: ``"openai"`` (chat completions, streamed with ``stream=True``), ``"practicus"``
     (``{"user_prompt", "system_context"}`` POSTed to a ``/models/<name>/`` URL), ``"kserve-v2"``

@@ -85,13 +85,28 @@ class Report:
     @property
     def summary(self) -> dict:
         summary = {"concurrency": self.concurrency, **_batch_summary(self.results, self.wall_s)}
-        if self.sequential is not None and self.sequential_wall_s:
+        if self.sequential and self.sequential_wall_s:
             base = _batch_summary(self.sequential, self.sequential_wall_s)
+            summary["sequential_prompts"] = len(self.sequential)
             summary["sequential_wall_s"] = self.sequential_wall_s
             summary["sequential_p50_s"] = base["p50_s"]
             summary["sequential_tokens_per_s"] = base["tokens_per_s"]
-            summary["speedup"] = self.sequential_wall_s / self.wall_s if self.wall_s > 0 else None
+            # Time per request, one at a time against in parallel: the baseline may be a sample of the prompts.
+            per_request = self.wall_s / len(self.results)
+            summary["speedup"] = (
+                self.sequential_wall_s / len(self.sequential) / per_request if self.wall_s > 0 else None
+            )
         return summary
+
+    @property
+    def sequential_label(self) -> str:
+        """What the baseline sent: ``one at a time`` or ``one at a time (first 8 of 100 prompts)``."""
+        sent = len(self.sequential or [])
+        return (
+            "one at a time"
+            if sent == len(self.results)
+            else f"one at a time (first {sent} of {len(self.results)} prompts)"
+        )
 
     @property
     def errors(self) -> list[RequestResult]:
@@ -125,7 +140,7 @@ class Report:
         if "speedup" in s:
             lines.append(
                 (
-                    "one at a time",
+                    self.sequential_label,
                     f"{_fmt(s['sequential_wall_s'], ' s')} wall, {_fmt(s['sequential_tokens_per_s'])} tokens/s "
                     f"→ speed-up {_fmt(s['speedup'], '×')}",
                 )
@@ -148,7 +163,7 @@ class Report:
 
         runs = [("parallel", self.results)]
         if self.sequential:
-            runs.append(("one at a time", self.sequential))
+            runs.append((self.sequential_label, self.sequential))
         if ax is None:
             fig = Figure(figsize=(8, 1.2 + 0.25 * len(self.results) * len(runs)))
             axes = fig.subplots(len(runs), 1, sharex=True, squeeze=False)[:, 0]
@@ -169,7 +184,7 @@ class Report:
         s = self.summary
         title = f"p50 {_fmt(s['p50_s'], ' s')} · p90 {_fmt(s['p90_s'], ' s')}"
         if s.get("speedup"):
-            title += f" · speed-up {s['speedup']:.2f}× over one at a time"
+            title += f" · speed-up {s['speedup']:.2f}× over {self.sequential_label}"
         axes[0].set_title(title)
         fig.tight_layout()
         return fig
