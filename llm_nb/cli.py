@@ -155,6 +155,7 @@ def cmd_deploy(args) -> int:
             args.folder,
             engine=args.engine,
             replicas=args.replicas,
+            wait_for_resources=args.wait_for_resources,
             connection=args.connection_file,
             progress=sys.stderr.isatty(),
         )
@@ -251,6 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder")
     p.add_argument("--engine", choices=("local", "ray"), default="local", help="a host worker, or Ray Serve")
     p.add_argument("--replicas", type=int, help="engine ray: how many replicas (default 1)")
+    p.add_argument(
+        "--wait-for-resources",
+        type=float,
+        metavar="SECONDS",
+        help="engine ray: how long to wait for replicas the cluster cannot place now "
+        "(default 120 without an autoscaler; 0 refuses at once)",
+    )
     p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("undeploy", help="undeploy NAME: its cleanup() runs, its worker ends")

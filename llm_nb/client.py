@@ -208,7 +208,8 @@ class Client(_Made, SyncTransport):
     ) -> dict:
         """Deploy a folder with model.py as ``/models/<name>/``; returns its metadata and the seconds it took.
 
-        ``engine_options`` (engine="ray"): ``replicas``, ``autoscaling``, ``ray_actor_options``.
+        ``engine_options`` (engine="ray"): ``replicas``, ``autoscaling``, ``ray_actor_options``,
+        ``wait_for_resources``.
         """
         body = {"name": name, "folder": str(Path(folder).expanduser().resolve()), "engine": engine}
         body.update({k: v for k, v in engine_options.items() if v is not None})

@@ -114,6 +114,7 @@ def deploy(
     replicas: int | None = None,
     autoscaling: dict | None = None,
     ray_actor_options: dict | None = None,
+    wait_for_resources: float | None = None,
     connection: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> Deployed:
@@ -122,13 +123,21 @@ def deploy(
     ``engine="local"`` runs model.py in a worker of the host's; ``engine="ray"`` runs it as
     ``replicas`` replicas (or Ray Serve's ``autoscaling`` config) on the Ray cluster that
     ``RAY_ADDRESS`` names, or on a local head the host starts. ``ray_actor_options`` go to each
-    replica (``{"num_cpus": 2}``, ``{"num_gpus": 1}``, ``{"runtime_env": ...}``).
+    replica (``{"num_cpus": 2}``, ``{"num_gpus": 1}``, ``{"runtime_env": ...}``). Replicas that
+    can never fit on the cluster are refused at once (409); ones that cannot fit beside what runs
+    now are waited for ``wait_for_resources`` seconds (default 120 on a cluster without an
+    autoscaler; 0 refuses at once), with the reason in the progress, then refused the same way.
     """
     from .client import Client
 
     client = Client(connection)
     on_progress, close = _progress_printer(name) if progress else (None, lambda: None)
-    engine_options = {"replicas": replicas, "autoscaling": autoscaling, "ray_actor_options": ray_actor_options}
+    engine_options = {
+        "replicas": replicas,
+        "autoscaling": autoscaling,
+        "ray_actor_options": ray_actor_options,
+        "wait_for_resources": wait_for_resources,
+    }
     try:
         result = client.deploy(name, folder, on_progress=on_progress, engine=engine, **engine_options)
     finally:

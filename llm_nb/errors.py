@@ -109,6 +109,18 @@ class InsufficientMemory(LlmNbError):
     code, status = "insufficient_memory", 507
 
 
+class RayCannotFit(LlmNbError):
+    """Ray replicas that no node of the cluster could ever take (nor its autoscaler's largest size)."""
+
+    code, status = "ray_cannot_fit", 409
+
+
+class RayResourcesBusy(LlmNbError):
+    """Ray replicas the cluster cannot place beside what runs now (at once, or after the wait asked for)."""
+
+    code, status = "ray_resources_busy", 409
+
+
 class BackendUnavailable(LlmNbError):
     code, status = "backend_unavailable", 400
 
@@ -158,6 +170,8 @@ _BY_CODE: dict[str, type[LlmNbError]] = {
         CrashedRecently,
         ModelFailed,
         InsufficientMemory,
+        RayCannotFit,
+        RayResourcesBusy,
         BackendUnavailable,
         HostUnavailable,
         RemoteError,

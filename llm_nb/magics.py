@@ -352,6 +352,12 @@ class LlmMagics(Magics):
     @argument("folder", nargs="?", default=".", help="the folder with model.py (and model.json); default: here")
     @argument("--engine", choices=("local", "ray"), default="local", help="a worker of the host's, or Ray Serve")
     @argument("--replicas", type=int, help="engine ray: how many replicas (default 1)")
+    @argument(
+        "--wait-for-resources",
+        type=float,
+        metavar="SECONDS",
+        help="engine ray: how long to wait for replicas the cluster cannot place now (default 120; 0 refuses at once)",
+    )
     @argument("-h", "--help", action="store_true", help="show this help")
     @_user_errors
     def llm_deploy(self, line: str) -> None:
@@ -362,7 +368,12 @@ class LlmMagics(Magics):
         if self._help(self.llm_deploy, args):
             return
         deployed = deploy(
-            args.name, args.folder, engine=args.engine, replicas=args.replicas, connection=self.session.connection
+            args.name,
+            args.folder,
+            engine=args.engine,
+            replicas=args.replicas,
+            wait_for_resources=args.wait_for_resources,
+            connection=self.session.connection,
         )
         display({"text/plain": str(deployed), "text/markdown": deployed._repr_markdown_()}, raw=True)
 

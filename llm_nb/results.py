@@ -11,7 +11,7 @@ from datetime import datetime
 
 from .config import format_bytes
 
-__all__ = ["LoadResult", "Status", "Undeployed", "UnloadResult", "cache_cell", "deployment_cells"]
+__all__ = ["LoadResult", "Status", "Undeployed", "UnloadResult", "cache_cell", "deployment_cells", "deployment_wait"]
 
 
 def _md_cell(text: str) -> str:
@@ -64,6 +64,14 @@ def deployment_cells(dep: dict) -> tuple[str, ...]:
         dep["state"],
         str(dep.get("requests_served", 0)),
     )
+
+
+def deployment_wait(dep: dict) -> str | None:
+    """Why a Ray deploy in progress waits (Ray cannot place its replicas), while it does; else None."""
+    ray = dep.get("ray") or {}
+    if dep.get("state") == "deploying" and ray.get("waiting_for_resources") and ray.get("message"):
+        return ray["message"]
+    return None
 
 
 class _Lines(dict):
@@ -160,6 +168,9 @@ class Status(dict):
             if item.get("failure")
         ]
 
+    def _waits(self) -> list[tuple[str, str]]:
+        return [(d["name"], wait) for d in self.deployments if (wait := deployment_wait(d))]
+
     def to_text(self) -> str:
         """Fixed-width tables, as ``llm-nb ps`` prints them."""
         rows = [("NAME", "BACKEND", "DEVICE", "STATE", "MEMORY", "CACHE", "HELD BY", "IN FLIGHT", "SERVED", "UNTIL")]
@@ -187,6 +198,7 @@ class Status(dict):
             f"({str(self.get('budget_kind', 'ram')).upper()}) used · host pid {self.get('pid')} at {self.get('url')}"
         )
         lines += [f"{name} failed: {failure}" for name, failure in self._failures()]
+        lines += [f"{name} waits for Ray: {wait}" for name, wait in self._waits()]
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -213,6 +225,7 @@ class Status(dict):
             f"({100 * used / budget:.0f} %) · host pid {self.get('pid')} at {self.get('url')}"
         )
         rows += [f"\n**{_md_cell(name)} failed:** {_md_cell(failure)}" for name, failure in self._failures()]
+        rows += [f"\n**{_md_cell(name)} waits for Ray:** {_md_cell(wait)}" for name, wait in self._waits()]
         return "\n".join(rows)
 
     def _repr_markdown_(self) -> str:

@@ -27,7 +27,7 @@ from .api import ChatReply, Session, Status
 from .config import DEFAULT_MODEL, format_bytes
 from .display import one_line
 from .errors import InvalidRequest, LlmNbError
-from .results import cache_cell, deployment_cells
+from .results import cache_cell, deployment_cells, deployment_wait
 
 _live_panels: weakref.WeakSet[Panel] = weakref.WeakSet()
 
@@ -359,6 +359,8 @@ class DeploymentRow(w.HBox):
         facts = f"<b>{name}</b> {version} · {engine} · replicas {replicas} · {memory} · {state} · {served} served"
         if dep.get("failure"):
             facts += f' · <span style="color:var(--jp-error-color1, #c00)">{html.escape(dep["failure"])}</span>'
+        if wait := deployment_wait(dep):
+            facts += f' · <span class="llm-nb-wait">waits for Ray: {html.escape(wait)}</span>'
         self.facts.value = facts
 
     def _clicked(self) -> None:

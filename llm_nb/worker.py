@@ -82,6 +82,7 @@ class Worker:
         self.state = "starting"
         self.spec: ModelSpec | None = None
         self.backend = None
+        self.loading_backend = None
         self.error: dict | None = None
         self.progress: dict[str, Any] = {}
         self.load_seconds: float | None = None
@@ -105,12 +106,14 @@ class Worker:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
 
-        def progress(message: str, fraction: float | None = None) -> None:
-            self.progress = {"message": message, "fraction": fraction, "elapsed": time.monotonic() - started}
+        def progress(message: str, fraction: float | None = None, **facts: Any) -> None:
+            # facts: what a backend knows beside the message (a Ray deploy: why its replicas wait)
+            self.progress = {"message": message, "fraction": fraction, "elapsed": time.monotonic() - started, **facts}
             self._record({"event": "progress", **self.progress}, loop)
 
         def load_blocking():
             backend = backend_class(spec.backend, spec.task)(spec)
+            self.loading_backend = backend  # a shutdown during the load closes it (a Ray deploy removes its app)
             backend.load(progress)
             return backend
 
@@ -335,9 +338,11 @@ async def serve(socket_path: str, parent_pid: int) -> None:
     log.info("worker %d serving on %s", os.getpid(), socket_path)
     await worker.shutdown_event.wait()
     await asyncio.sleep(0.05)  # let the shutdown answer go out
-    if worker.backend is not None:
+    # A load still under way is closed too: a Ray deploy cancelled while it waits removes its application.
+    backend = worker.backend or (worker.loading_backend if worker.state == "loading" else None)
+    if backend is not None:
         try:
-            worker.backend.close()
+            backend.close()
         except Exception:
             log.exception("backend close failed")
     # Ending the process is what gives the memory back; skip slow teardown.

@@ -18,9 +18,11 @@ import requests
 from llm_nb import consume
 from llm_nb.backends.ray_serve import app_name
 from llm_nb.errors import BackendUnavailable, InvalidRequest, LlmNbError
+from llm_nb.widgets import Panel
 
 from .conftest import start_host, wait_for
 from .test_deployments import ECHO, NEEDS_TRANSFORMERS, auth, make_deployment, practicus_pipeline_folder
+from .test_magics import notebook_session
 
 pytestmark = pytest.mark.ray
 
@@ -302,3 +304,116 @@ def test_a_failed_init_on_ray_says_why_and_a_failed_redeploy_leaves_the_serving_
         assert [a.status_code for a in answers] == [200] * 6 and {a.json()["version"] for a in answers} == {1}
     finally:
         client.undeploy("steady")
+
+
+def listed(host, name: str) -> dict | None:
+    return next((d for d in host.client().deployments() if d["name"] == name), None)
+
+
+def deploy_in_background(client, *args, **kwargs) -> tuple[threading.Thread, dict]:
+    outcome: dict = {"events": []}
+
+    def run() -> None:
+        try:
+            outcome["result"] = client.deploy(*args, on_progress=outcome["events"].append, **kwargs)
+        except LlmNbError as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+@pytest.mark.slow
+def test_replicas_ray_cannot_place_are_refused_or_waited_for_with_the_reason_and_undeploy_ends_the_wait(
+    ray_host, tmp_path
+):
+    """On the host's 2-CPU head: `a` holds one CPU; `b` asks for two one-CPU replicas."""
+    client = ray_host.client()
+    folder = make_deployment(tmp_path / "busy", BUSY)
+    client.deploy("a", folder, engine="ray", replicas=1)
+    url_a = f"{ray_host.url}/models/a/"
+    answers: list[int] = []
+    keep_asking = threading.Event()
+
+    def ask_a() -> None:  # `a` must answer throughout
+        while not keep_asking.wait(0.3):
+            answers.append(requests.post(url_a, json={"seconds": 0.01}, headers=auth(ray_host), timeout=30).status_code)
+
+    asker = threading.Thread(target=ask_a)
+    asker.start()
+    try:
+        # More than the whole cluster: refused at once, nothing reaches Ray.
+        started = time.monotonic()
+        with pytest.raises(LlmNbError) as never:
+            client.deploy("b", folder, engine="ray", replicas=3)
+        assert never.value.status == 409 and never.value.code == "ray_cannot_fit", never.value
+        assert "3 replicas can never fit" in never.value.message and "0 of 2 CPUs free" not in never.value.message
+        assert "even empty it holds only 2 such replicas" in never.value.message
+        print(f"never fits: refused in {time.monotonic() - started:.1f} s")
+
+        # Fits an empty cluster, not beside `a`, and the caller will not wait: 409 at once, naming `a`.
+        with pytest.raises(LlmNbError) as busy:
+            client.deploy("b", folder, engine="ray", replicas=2, wait_for_resources=0)
+        message = busy.value.message
+        assert busy.value.status == 409 and busy.value.code == "ray_resources_busy", busy.value
+        assert "each replica needs 1 CPU; the cluster has 1 of 2 CPUs free" in message, message
+        assert "held by 'a' (1 replica × 1 CPU)" in message, message
+        assert listed(ray_host, "b") is None and not replica_processes("b")
+
+        # Waits 5 s, saying why, then fails the same way and leaves no Serve application.
+        started = time.monotonic()
+        thread, outcome = deploy_in_background(client, "b", folder, engine="ray", replicas=2, wait_for_resources=5)
+        thread.join(90)
+        waited = time.monotonic() - started
+        error = outcome.get("error")
+        assert error is not None and error.code == "ray_resources_busy" and error.status == 409, outcome
+        assert "Ray could not place the replicas within 5 s" in error.message and "held by 'a'" in error.message
+        said = [e["message"] for e in outcome["events"] if "cannot be placed" in (e.get("message") or "")]
+        assert said and "0 of 2 CPUs free" in said[-1] and "'a'" in said[-1], outcome["events"][-3:]
+        print(f"--wait-for-resources 5: failed after {waited:.1f} s (the driver's start included)")
+        assert waited < 40
+        wait_for(lambda: not replica_processes("b"), 20, message="b's Serve application removed")
+
+        # The default wait (120 s): the listing and `llm-nb ps` say why; an undeploy ends the wait at once.
+        started = time.monotonic()
+        thread, outcome = deploy_in_background(client, "b", folder, engine="ray", replicas=2)
+
+        def waiting() -> dict | None:
+            b = listed(ray_host, "b") or {}
+            ray = b.get("ray") or {}
+            pending = (ray.get("waiting_for_resources") or {}).get("pending_replicas")
+            # Its first replica placed, the second waiting (Ray's free count follows within a moment).
+            return b if pending == 1 and "0 of 2 CPUs free" in ray.get("message", "") else None
+
+        why = wait_for(waiting, 30, message="the listing to say why b waits")
+        print(f"the reason was listed {time.monotonic() - started:.1f} s after the deploy began")
+        assert why["state"] == "deploying" and "held by 'a' (1 replica × 1 CPU)" in why["ray"]["message"]
+        ps = subprocess.run(
+            [sys.executable, "-m", "llm_nb.cli", "ps"],
+            env=dict(ray_host.env, LLM_NB_CONNECTION=str(ray_host.connection_file)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "b waits for Ray: 1 of 2 replicas cannot be placed" in ps.stdout, ps.stdout
+        panel = Panel(notebook_session(ray_host.connection_file), interval=0.2)  # the ipywidgets panel
+        try:
+            row = wait_for(lambda: panel.deployment_rows.get("b"), 20, 0.05, "b's row in the panel")
+            wait_for(lambda: "waits for Ray: 1 of 2 replicas" in row.facts.value, 20, 0.05, "the panel to say why")
+        finally:
+            panel.close()
+        undeploying = time.monotonic()
+        client.undeploy("b")
+        returned = time.monotonic() - undeploying
+        thread.join(30)
+        assert outcome.get("error") is not None and outcome["error"].code == "deploy_cancelled", outcome
+        print(f"undeploy of a waiting deploy returned in {returned:.1f} s")
+        assert returned < 10
+        wait_for(lambda: not replica_processes("b"), 20, message="b's replicas gone after the undeploy")
+        assert listed(ray_host, "b") is None
+    finally:
+        keep_asking.set()
+        asker.join(30)
+        client.undeploy("a")
+    assert answers and set(answers) == {200}, f"a answered {len(answers)} times: {sorted(set(answers))}"

@@ -71,6 +71,20 @@ export interface IDeploymentStatus {
   failure: string | null;
   folder: string;
   api_url: string;
+  /** engine=ray: the application as Ray sees it (`message` says why replicas wait, while they do). */
+  ray?: {
+    status?: string;
+    message?: string;
+    waiting_for_resources?: { [key: string]: unknown };
+  } | null;
+}
+
+/** Why a Ray deploy in progress waits (its replicas cannot be placed), or null. */
+export function deploymentWait(d: IDeploymentStatus): string | null {
+  if (d.state === 'deploying' && d.ray?.waiting_for_resources && d.ray.message) {
+    return d.ray.message;
+  }
+  return null;
 }
 
 export type HostState =

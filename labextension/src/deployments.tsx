@@ -5,7 +5,7 @@
 import { CommandRegistry } from '@lumino/commands';
 import * as React from 'react';
 
-import { IDeploymentStatus } from './api';
+import { deploymentWait, IDeploymentStatus } from './api';
 import { CommandIDs } from './commands';
 import { formatBytes } from './format';
 
@@ -75,6 +75,11 @@ function DeploymentCard({
         )}
       </div>
       {d.failure && <div className="jp-LlmNb-failure">{d.failure}</div>}
+      {deploymentWait(d) && (
+        <div className="jp-LlmNb-wait" title="Ray cannot place its replicas yet">
+          waits for Ray: {deploymentWait(d)}
+        </div>
+      )}
       <div className="jp-LlmNb-actions">
         <button
           className="jp-LlmNb-button jp-mod-warn"

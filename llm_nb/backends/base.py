@@ -18,7 +18,8 @@ from .. import tool_format
 from ..catalog import ModelSpec
 from ..errors import BackendUnavailable, InvalidRequest
 
-Progress = Callable[[str, float | None], None]
+#: ``progress(message, fraction=None, **facts)``: facts travel beside the message (a Ray deploy's placement).
+Progress = Callable[..., None]
 
 
 @dataclass

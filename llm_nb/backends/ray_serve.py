@@ -13,6 +13,16 @@ Redeploying under the same name updates the same application: Ray rolls the
 replicas over to the new code, and the version that serves keeps its handle
 until the host switches. Undeploy deletes the application.
 
+Before it deploys, the driver checks that the replicas can be placed
+(``ray_placement``): what can never fit on the cluster is refused at once, and
+so is what cannot fit beside what runs now when the caller will not wait
+(``wait_for_resources=0``). Otherwise it waits, saying every second why (the
+replicas Ray has not placed, what each needs, what is free and which
+applications hold the rest), and gives up after ``wait_for_resources``
+seconds (default ``WAIT_FOR_RESOURCES_S`` on a cluster without an
+autoscaler), removing the application it started. The host stopping the
+driver during that wait (an undeploy) removes it too.
+
 If the cluster goes away, this process ends (exit code ``CLUSTER_LOST_EXIT``)
 with the reason in its log; the host marks the deployment failed and serves on.
 """
@@ -20,6 +30,7 @@ with the reason in its log; the host marks the deployment failed and serves on.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import getpass
 import logging
 import os
@@ -34,22 +45,29 @@ from ray import serve
 from ray.exceptions import RayActorError, RayError
 
 from ..catalog import ModelSpec
-from ..errors import InvalidRequest, LlmNbError
+from ..errors import InvalidRequest, LlmNbError, RayCannotFit, RayResourcesBusy
 from .base import Backend, Progress
+from .ray_placement import Placement, look, replica_ask, starting_replicas, uncreated_replicas
 from .user_code import CLEANUP_TIMEOUT_S, DeploymentBackend, max_concurrency, predict_is_async
 
 log = logging.getLogger("llm_nb.deployment.ray")
 DEPLOYMENT = "model"  # the one Serve deployment inside each application
+SERVE_NAMESPACE = "serve"  # where Serve names its replica actors
 STATUS_EVERY_S = 1.0
 CLUSTER_SILENT_S = 10.0  # status calls failing this long: the cluster is gone
 CLUSTER_LOST_EXIT = 75
+WAIT_FOR_RESOURCES_S = 120.0  # replicas Ray cannot place, on a cluster that will not grow: then the deploy fails
 _USER_LINE = re.compile(r"^\S*(Error|Exception)\b.*$", re.MULTILINE)
+
+
+def app_prefix() -> str:
+    """What this user's applications' names start with: ``llm-nb-USER-``."""
+    return f"llm-nb-{re.sub(r'[^A-Za-z0-9_-]', '_', getpass.getuser())}-"
 
 
 def app_name(name: str) -> str:
     """One Serve application per user and deployment name, so users sharing a cluster do not collide."""
-    user = re.sub(r"[^A-Za-z0-9_-]", "_", getpass.getuser())
-    return f"llm-nb-{user}-{name}"
+    return app_prefix() + name
 
 
 class ModelPyReplica:
@@ -86,6 +104,8 @@ class RayServeBackend(Backend):
         self._status: dict = {"app_status": "DEPLOYING", "running": 0, "message": ""}
         self._status_ok = time.monotonic()
         self._closing = threading.Event()
+        #: This driver put the application on the cluster (a fresh deploy, or one that finished): close() deletes it.
+        self._owns_app = False
 
     # --- deploy ----------------------------------------------------------------------
     def _replica_spec(self) -> dict:
@@ -127,39 +147,113 @@ class RayServeBackend(Backend):
             app = deployment.bind(self._replica_spec())
         except (TypeError, ValueError) as exc:  # Ray's own check of replicas, autoscaling, ray_actor_options
             raise InvalidRequest(f"Ray Serve refused the deployment's options: {exc}") from None
-        progress(f"starting {self._target_text()} on Ray (each runs init())", 0.1)
         replacing = self.app in serve.status().applications
+        self._check_placement(replacing)
+        progress(f"starting {self._target_text()} on Ray (each runs init())", 0.1)
         self.handle = self._run(app, progress, replacing)
         self._bound_app = app
+        self._owns_app = True
         self._refresh_status()
         threading.Thread(target=self._watch_cluster, name="ray-status", daemon=True).start()
         progress("ready", 1.0)
 
+    # --- placement -------------------------------------------------------------------------
+    def _initial_replicas(self) -> int:
+        autoscaling = self.options.get("autoscaling")
+        if autoscaling:
+            return int(autoscaling.get("initial_replicas") or autoscaling.get("min_replicas") or 1)
+        return int(self.options.get("replicas", 1))
+
+    def _placement(self) -> Placement:
+        ask = replica_ask(self.options.get("ray_actor_options"))
+        return look(self.app, app_prefix(), ask, self._initial_replicas())
+
+    def _wait_limit(self, placement: Placement) -> float | None:
+        """Seconds to wait for replicas Ray cannot place; None: as long as the host's load timeout allows."""
+        asked = self.options.get("wait_for_resources")
+        if asked is not None:
+            return float(asked)
+        return None if placement.autoscaling else WAIT_FOR_RESOURCES_S
+
+    def _check_placement(self, replacing: bool) -> None:
+        """Refuse at once what can never fit, and what cannot fit now when the caller will not wait."""
+        placement = self._placement()
+        if placement.never_fits:
+            raise RayCannotFit(placement.never_fits_text())
+        # A redeploy's new replicas take the place of the old ones, which hold what they need.
+        if not replacing and not placement.autoscaling and placement.fit_now < placement.replicas:
+            if self._wait_limit(placement) == 0:
+                raise RayResourcesBusy(placement.busy_text())
+
     def _run(self, app, progress: Progress, replacing: bool):
-        """serve.run, with the replicas' progress reported; a fresh application that fails is deleted."""
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            running = pool.submit(serve.run, app, name=self.app, route_prefix=None)
-            while not running.done():
-                try:
-                    running.result(timeout=1.0)
-                except concurrent.futures.TimeoutError:
-                    self._refresh_status()
-                    progress(f"Ray: {self._status['running']} of {self._target_text()} running", 0.5)
-                except Exception:
-                    break
-            try:
-                return running.result()
-            except (RayError, RuntimeError) as exc:  # RuntimeError: Serve's "Deploying application ... failed"
-                error = self._deploy_error(exc)
-        if not replacing:  # or Ray would go on retrying replicas that cannot start
-            serve.delete(self.app)
-        raise error
+        """Deploy the application and wait until its replicas run, saying why while Ray cannot place them.
+
+        A fresh application that fails, waits too long for resources or is cancelled is deleted;
+        a redeploy's is left to the host, which puts the serving version back.
+        """
+        handle = serve._run(app, name=self.app, route_prefix=None, _blocking=False)
+        if not replacing:
+            self._owns_app = True
+        waiting_since: float | None = None
+        try:
+            while True:
+                self._refresh_status()
+                state = self._status["app_status"]
+                if state == "RUNNING":
+                    return handle
+                if state == "DEPLOY_FAILED":
+                    raise self._deploy_error(RuntimeError(f"Deploying application {self.app} failed"))
+                placement = self._placement()
+                running = f"Ray: {self._status['running']} of {self._target_text()} running"
+                if placement.pending:
+                    waiting_since = waiting_since or time.monotonic()
+                    waited = time.monotonic() - waiting_since
+                    limit = self._wait_limit(placement)
+                    why = placement.busy_text()
+                    if limit is not None and waited >= limit:
+                        raise RayResourcesBusy(
+                            f"Ray could not place the replicas within {limit:g} s (--wait-for-resources): {why}"
+                        )
+                    self._status["waiting_for_resources"] = {**placement.to_json(), "waited_s": round(waited, 1)}
+                    # Ray's own word (after its SLOW_STARTUP_WARNING_S) follows ours, which comes at once.
+                    self._status["message"] = "\n".join(filter(None, (why, self._status.get("message"))))
+                    progress(f"{running}; {why}", 0.5, ray=self._ray_facts())
+                else:
+                    waiting_since = None
+                    progress(running, 0.5, ray=self._ray_facts())
+                if self._closing.wait(STATUS_EVERY_S):
+                    raise LlmNbError("the deploy was cancelled", code="deploy_cancelled", status=409)
+        except BaseException:
+            if self._owns_app and not self._closing.is_set():  # close() deletes it when it was cancelled
+                self._delete_app()
+            raise
+
+    def _delete_app(self) -> None:
+        """Delete the application and wait until it is gone; its serving replicas' cleanup() runs."""
+        self._owns_app = False
+        # Serve asks each replica to shut down and gives it its whole graceful timeout (35 s); one that
+        # never began to serve (unplaced, or still in init) cannot answer and has nothing to clean up.
+        never_served = set(starting_replicas(self.app))
+        ended: set[str] = set()
+        try:
+            serve.delete(self.app, _blocking=False)
+            deadline = time.monotonic() + CLEANUP_TIMEOUT_S + 10.0
+            while self.app in serve.status().applications and time.monotonic() < deadline:
+                never_served |= {str(actor["Name"]) for actor in uncreated_replicas(self.app)}
+                for actor in never_served - ended:
+                    ended.add(actor)
+                    with contextlib.suppress(Exception):  # gone meanwhile
+                        ray.kill(ray.get_actor(actor, namespace=SERVE_NAMESPACE), no_restart=True)
+                time.sleep(0.2)
+            log.info("deleted the Serve application %s (ended %d replicas that never served)", self.app, len(ended))
+        except Exception:
+            log.exception("deleting the Serve application %s failed", self.app)
 
     def restore(self) -> None:
         """Put this version back on every replica: a newer version's rollout failed part way."""
         if self._bound_app is None:
             raise LlmNbError("this version never reached Ray: there is nothing to put back", code="invalid_request")
-        self.handle = self._run(self._bound_app, lambda message, fraction=None: None, replacing=True)
+        self.handle = self._run(self._bound_app, lambda message, fraction=None, **facts: None, replacing=True)
         self._refresh_status()
 
     def _target_text(self) -> str:
@@ -236,16 +330,23 @@ class RayServeBackend(Backend):
                     else {}
                 ),
             },
-            "ray": {
-                "address": self.options.get("ray_address"),
-                "local_head": bool(self.options.get("local_head")),
-                "application": self.app,
-                "status": self._status.get("app_status"),
-                "replica_states": self._status.get("replica_states", {}),
-                "message": self._status.get("message", ""),
-            },
+            "ray": self._ray_facts(),
             "replicas_rss_bytes": self._status.get("rss_bytes"),
         }
+
+    def _ray_facts(self) -> dict[str, Any]:
+        """The application as Ray sees it; while replicas wait for resources, why (``waiting_for_resources``)."""
+        facts = {
+            "address": self.options.get("ray_address"),
+            "local_head": bool(self.options.get("local_head")),
+            "application": self.app,
+            "status": self._status.get("app_status"),
+            "replica_states": self._status.get("replica_states", {}),
+            "message": self._status.get("message", ""),
+        }
+        if "waiting_for_resources" in self._status:
+            facts["waiting_for_resources"] = self._status["waiting_for_resources"]
+        return facts
 
     # --- requests ------------------------------------------------------------------------
     async def predict(self, payload: Any, **kwargs: Any) -> Any:
@@ -273,19 +374,16 @@ class RayServeBackend(Backend):
 
     # --- undeploy ------------------------------------------------------------------------
     def close(self) -> None:
-        """Undeploy: delete the application (each replica's cleanup() runs), unless a newer version owns it now."""
+        """Undeploy, or a deploy cancelled while it waits: delete the application (each replica's
+        cleanup() runs), unless a newer version owns it now or this one never put it there."""
         self._closing.set()
-        if not self.replaced and self.handle is not None:
-            try:
-                serve.delete(self.app)
-                log.info("deleted the Serve application %s", self.app)
-            except Exception:
-                log.exception("deleting the Serve application %s failed", self.app)
+        if self._owns_app and not self.replaced:
+            self._delete_app()
         ray.shutdown()
 
 
 #: Options the driver reads; the rest (model_json, files_dir, host_url, token, version) reach model.py.
-_RAY_OPTIONS = ("ray_address", "local_head", "replicas", "autoscaling", "ray_actor_options")
+_RAY_OPTIONS = ("ray_address", "local_head", "replicas", "autoscaling", "ray_actor_options", "wait_for_resources")
 
 
 def _last_lines(text: str, lines: int = 12) -> str:

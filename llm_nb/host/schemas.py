@@ -393,6 +393,13 @@ class DeployRequest(_Base):
     ray_actor_options: dict[str, Any] | None = Field(
         None, description="engine=ray: each replica's Ray actor options (num_cpus, num_gpus, memory, runtime_env)"
     )
+    wait_for_resources: float | None = Field(
+        None,
+        ge=0,
+        le=86400,
+        description="engine=ray: seconds to wait for replicas the cluster cannot place now (default 120 without "
+        "an autoscaler; 0: refuse at once with 409)",
+    )
 
 
 class UndeployRequest(_Base):

@@ -74,7 +74,7 @@ class DeploymentManager:
         engine_options: dict | None = None,
     ) -> Deployment:
         """Deploy ``folder`` as ``name``; ``engine="ray"`` runs it on Ray Serve with ``engine_options``
-        (``replicas``, ``autoscaling``, ``ray_actor_options``)."""
+        (``replicas``, ``autoscaling``, ``ray_actor_options``, ``wait_for_resources``)."""
         engine_options = {k: v for k, v in (engine_options or {}).items() if v is not None}
         if engine not in ("local", "ray"):
             raise InvalidRequest(f"engine must be 'local' or 'ray', not {engine!r}")
@@ -207,13 +207,16 @@ class DeploymentManager:
         report({"stage": "init", "message": "starting the worker and running init()"})
 
         def on_worker(event: dict) -> None:
-            report({"stage": "init", "message": event.get("message"), "fraction": event.get("fraction")})
+            facts = {"ray": event["ray"]} if "ray" in event else {}  # why Ray's replicas wait, while they do
+            report({"stage": "init", "message": event.get("message"), "fraction": event.get("fraction"), **facts})
 
         try:
             await dep.worker.start()
             dep.info = await asyncio.wait_for(dep.worker.load(on_worker), self.settings.load_timeout)
         except BaseException as exc:
-            await self._stop(dep, kill=True)
+            # A Ray driver is asked to end, not killed: it removes the Serve application it started
+            # (a deploy cancelled while its replicas wait for resources must not leave them waiting).
+            await self._stop(dep, kill=dep.engine != "ray", grace=UNWIND_S)
             if isinstance(exc, TimeoutError):
                 raise Timeout(
                     f"init() of {dep.name!r} did not finish within {self.settings.load_timeout:.0f} s; "

@@ -74,6 +74,7 @@ async def deploy(request: web.Request) -> web.StreamResponse:
         "replicas": body.replicas,
         "autoscaling": body.autoscaling,
         "ray_actor_options": body.ray_actor_options,
+        "wait_for_resources": body.wait_for_resources,
     }
     task = asyncio.ensure_future(
         manager.deploy(body.name, body.folder, events.put_nowait, engine=body.engine, engine_options=engine_options)

@@ -43,7 +43,7 @@ class Deployment:
     version: int
     model_json: dict
     engine: str = "local"  # or "ray"
-    #: engine="ray": replicas, autoscaling, ray_actor_options (as deploy() got them)
+    #: engine="ray": replicas, autoscaling, ray_actor_options, wait_for_resources (as deploy() got them)
     engine_options: dict = field(default_factory=dict)
     instance: str = field(default_factory=lambda: secrets.token_hex(12))
     created: float = field(default_factory=time.time)
@@ -87,7 +87,8 @@ class Deployment:
             "version": self.version,
             "engine": self.engine,
             "replicas": self.replicas(),
-            "ray": self.info.get("ray") if self.engine == "ray" else None,
+            # While a Ray deploy runs, the driver's last word (why replicas wait); then the application's.
+            "ray": (self.info.get("ray") or self.progress.get("ray")) if self.engine == "ray" else None,
             "created": self.created,
             "state": self.state,
             "model_json": self.model_json,
