@@ -56,6 +56,7 @@ SERVE_NAMESPACE = "serve"  # where Serve names its replica actors
 STATUS_EVERY_S = 1.0
 CLUSTER_SILENT_S = 10.0  # status calls failing this long: the cluster is gone
 CLUSTER_LOST_EXIT = 75
+UNWIND_S = 10.0  # how long close() gives a load under way to see it is cancelled and clean up
 WAIT_FOR_RESOURCES_S = 120.0  # replicas Ray cannot place, on a cluster that will not grow: then the deploy fails
 _USER_LINE = re.compile(r"^\S*(Error|Exception)\b.*$", re.MULTILINE)
 
@@ -106,6 +107,7 @@ class RayServeBackend(Backend):
         self._closing = threading.Event()
         #: This driver put the application on the cluster (a fresh deploy, or one that finished): close() deletes it.
         self._owns_app = False
+        self._load_ended = threading.Event()
 
     # --- deploy ----------------------------------------------------------------------
     def _replica_spec(self) -> dict:
@@ -138,6 +140,12 @@ class RayServeBackend(Backend):
         )
 
     def load(self, progress: Progress) -> None:
+        try:
+            self._load(progress)
+        finally:
+            self._load_ended.set()
+
+    def _load(self, progress: Progress) -> None:
         address = self.options["ray_address"]
         progress(f"connecting to the Ray cluster at {address}", 0.05)
         ray.init(address=address, namespace="llm-nb", log_to_driver=False, logging_level=logging.WARNING)
@@ -224,7 +232,7 @@ class RayServeBackend(Backend):
                 if self._closing.wait(STATUS_EVERY_S):
                     raise LlmNbError("the deploy was cancelled", code="deploy_cancelled", status=409)
         except BaseException:
-            if self._owns_app and not self._closing.is_set():  # close() deletes it when it was cancelled
+            if self._owns_app:
                 self._delete_app()
             raise
 
@@ -377,6 +385,8 @@ class RayServeBackend(Backend):
         """Undeploy, or a deploy cancelled while it waits: delete the application (each replica's
         cleanup() runs), unless a newer version owns it now or this one never put it there."""
         self._closing.set()
+        # A deploy cancelled while it waits: its load sees the flag within a second and removes what it started.
+        self._load_ended.wait(UNWIND_S)
         if self._owns_app and not self.replaced:
             self._delete_app()
         ray.shutdown()

@@ -202,6 +202,7 @@ class DeploymentManager:
             self.registry.runtime_dir / f"d{self._seq}.sock",
             self.log_path(dep.name),
             on_exit=self._worker_exited,
+            env=self.ray.driver_env() if dep.engine == "ray" else None,
         )
         self.live.add(dep)
         report({"stage": "init", "message": "starting the worker and running init()"})
@@ -216,7 +217,7 @@ class DeploymentManager:
         except BaseException as exc:
             # A Ray driver is asked to end, not killed: it removes the Serve application it started
             # (a deploy cancelled while its replicas wait for resources must not leave them waiting).
-            await self._stop(dep, kill=dep.engine != "ray", grace=UNWIND_S)
+            await self._stop(dep, kill=dep.engine != "ray")
             if isinstance(exc, TimeoutError):
                 raise Timeout(
                     f"init() of {dep.name!r} did not finish within {self.settings.load_timeout:.0f} s; "
