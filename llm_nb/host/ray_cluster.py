@@ -7,6 +7,14 @@ share of this machine: ``LLM_NB_RAY_NUM_CPUS`` logical CPUs (default: the
 machine's cores) and ``LLM_NB_RAY_OBJECT_STORE`` of shared memory (default
 256 MiB; deployments pass small JSON). The host owns that head: it ends with
 the host, however the host ends.
+
+The local head takes token authentication with a token of its own (a 0600
+file in the host's folder), handed to its drivers alone: Ray switches a head
+to token mode by itself when ``~/.ray/auth_token`` exists (any plain
+``ray.init()`` writes one), and a driver that was not told then cannot
+connect. Drivers never start a Ray of their own (``RAY_ENABLE_AUTO_CONNECT=0``):
+a Serve call that races the driver's shutdown would otherwise launch a whole
+local cluster from it.
 """
 
 from __future__ import annotations
@@ -56,10 +64,18 @@ class RayCluster:
         self._stopping = False
         self._watch: asyncio.Task | None = None
         self._starts = 0
+        self.token_path = log_dir / "ray-auth-token"
 
     @property
     def owned(self) -> bool:
         return self.process is not None
+
+    def driver_env(self) -> dict[str, str]:
+        """What a deployment's Ray driver needs in its environment to reach this cluster, and only it."""
+        env = {"RAY_ENABLE_AUTO_CONNECT": "0"}
+        if self.owned:
+            env.update(_token_env(self.token_path))
+        return env
 
     async def address(self, progress: Callable[[dict], None] = lambda event: None) -> str:
         """The cluster's address; the first call without a configured one starts the local head."""
@@ -82,6 +98,7 @@ class RayCluster:
         self.temp_dir = Path(f"/tmp/llmnb-ray-{os.getuid()}-{os.getpid()}-{self._starts}")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         num_cpus = self.settings.ray_num_cpus or os.cpu_count() or 1
+        _write_token(self.token_path)
         with open(self.log_path, "ab") as log_file:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -94,6 +111,7 @@ class RayCluster:
                 stdin=asyncio.subprocess.PIPE,  # held by the host only: EOF means the host is gone
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log_file,
+                env={**os.environ, **_token_env(self.token_path)},
             )
         try:
             line = await asyncio.wait_for(self.process.stdout.readline(), START_TIMEOUT_S)
@@ -149,6 +167,21 @@ class RayCluster:
             process.kill()
             await process.wait()
         await asyncio.to_thread(_sweep, self.temp_dir)
+
+
+def _token_env(path: Path) -> dict[str, str]:
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)}
+
+
+def _write_token(path: Path) -> None:
+    """A fresh token for each head this host starts, readable by this user only."""
+    import secrets
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as token:
+        token.write(secrets.token_hex(32))
 
 
 def _sweep(temp_dir: Path) -> None:

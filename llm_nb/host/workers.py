@@ -146,8 +146,10 @@ class WorkerProcess(WatchedProcess):
         socket_path: Path,
         log_path: Path,
         on_exit: Callable[[WatchedProcess], Awaitable[None]] | None = None,
+        env: dict[str, str] | None = None,
     ):
         self.spec = spec
+        self.env = env or {}  # beside the host's own environment (a Ray driver's cluster settings)
         self.socket_path = socket_path
         self.log_path = log_path
         self.on_exit = on_exit
@@ -158,7 +160,7 @@ class WorkerProcess(WatchedProcess):
         self.socket_path.unlink(missing_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         log_file = open(self.log_path, "ab", buffering=0)  # noqa: SIM115 - handed to the child
-        env = dict(os.environ, LLM_NB_WORKER="1", PYTHONUNBUFFERED="1")
+        env = dict(os.environ, **self.env, LLM_NB_WORKER="1", PYTHONUNBUFFERED="1")
         try:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable,
