@@ -228,31 +228,27 @@ def test_a_lost_cluster_fails_its_deployment_the_host_serves_on_and_stop_leaves_
 
 
 @pytest.mark.slow
-def test_kill_9_of_the_host_leaves_no_ray_process(host_factory, tmp_path):
-    host = host_factory()
+def test_a_users_ray_token_does_not_lock_the_host_out_of_its_head_and_kill_9_of_the_host_leaves_no_ray_process(
+    host_factory, tmp_path
+):
+    # Any plain ray.init() leaves ~/.ray/auth_token, and Ray then starts every head in token mode.
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("a-token-of-the-users-own-" + "0" * 40)
+    host = host_factory(HOME=str(home))
     host.client().deploy("orphan", make_deployment(tmp_path / "orphan", BUSY), engine="ray")
+    answer = requests.post(f"{host.url}/models/orphan/", json={"seconds": 0.01}, headers=auth(host), timeout=60)
+    assert answer.status_code == 200, answer.text
+    tokens = list(host.runtime_dir.rglob("ray-auth-token"))
+    assert len(tokens) == 1 and tokens[0].stat().st_mode & 0o777 == 0o600, "the head's own token, for this user"
+    assert tokens[0].read_text() != (home / ".ray" / "auth_token").read_text()
+
     head = ray_processes(host)
     killed = time.monotonic()
     host.process.kill()
     wait_for(lambda: all_gone(head), 10, message="no Ray process left 10 s after kill -9 of the host")
     print(f"kill -9: {len(head)} Ray processes gone in {time.monotonic() - killed:.1f} s")
     assert not list(Path("/tmp").glob(f"llmnb-ray-{os.getuid()}-{host.process.pid}-*")), "its temp dir went too"
-
-
-@pytest.mark.slow
-def test_a_ray_token_in_the_users_home_does_not_lock_the_host_out_of_its_own_head(host_factory, tmp_path):
-    # Any plain ray.init() leaves ~/.ray/auth_token, and Ray then starts every head in token mode.
-    home = tmp_path / "home"
-    (home / ".ray").mkdir(parents=True)
-    (home / ".ray" / "auth_token").write_text("a-token-of-the-users-own-" + "0" * 40)
-    host = host_factory(HOME=str(home))
-    deployed = host.client().deploy("echo-ray", make_deployment(tmp_path / "echo", ECHO), engine="ray")
-    assert deployed["deployment"]["state"] == "ready"
-    answer = requests.post(f"{host.url}/models/echo-ray/", json={"a": 1}, headers=auth(host), timeout=60)
-    assert answer.json()["echo"] == {"a": 1}
-    tokens = list(host.runtime_dir.rglob("ray-auth-token"))
-    assert len(tokens) == 1 and tokens[0].stat().st_mode & 0o777 == 0o600, "the head's own token, for this user"
-    assert tokens[0].read_text() != (home / ".ray" / "auth_token").read_text()
 
 
 def test_ray_options_are_checked_before_anything_starts(ray_host, tmp_path):
