@@ -215,13 +215,14 @@ def _holders(details: dict, app: str, user_prefix: str) -> tuple[list[Holder], i
     for name, application in sorted((details.get("applications") or {}).items()):
         for deployment in (application.get("deployments") or {}).values():
             replicas = [r for r in deployment.get("replicas") or [] if _state(r) in HOLDING_STATES]
+            if name == app:
+                running = sum(_state(r) == "RUNNING" for r in replicas)
+                continue
             ask = deployment.get("required_resources") or replica_ask(
                 (deployment.get("deployment_config") or {}).get("ray_actor_options")
             )
             ask = {k: float(v) for k, v in ask.items() if v}
-            if name == app:
-                running = sum(_state(r) == "RUNNING" for r in replicas)
-            elif replicas and ask:
+            if replicas and ask:
                 label = (
                     repr(name[len(user_prefix) :]) if name.startswith(user_prefix) else f"Serve application {name!r}"
                 )
