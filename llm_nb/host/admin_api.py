@@ -10,12 +10,13 @@ from aiohttp import web
 from .._version import __version__
 from ..catalog import catalog_entries, resolve
 from ..config import heartbeat_interval, parse_duration
-from ..errors import InvalidRequest, ModelNotFound
+from ..errors import InvalidRequest, ModelNotFound, PermissionDenied
 from .deployments.versions import scoped_meta
 from .http import PRINCIPAL, dumps, end_progress, json_response, read_json
 from .loaded import Lease
 from .registry import Registry
 from .schemas import LoadRequest, UnloadRequest, parse
+from .users import view_for
 from .workers import tail
 
 routes = web.RouteTableDef()
@@ -51,6 +52,8 @@ def status_json(request: web.Request) -> dict:
     status = registry_of(request).status_json()
     principal = request[PRINCIPAL]
     deployments = app["deployments"].status_json(principal.allows)
+    if principal.kind == "user":
+        return _user_status(request, status, deployments)
     if principal.kind != "key":
         # A session token opens the models it names, not the host: no budget, pid, url or paths.
         models = [m for m in status["models"] if principal.allows(m["name"])]
@@ -70,9 +73,36 @@ def status_json(request: web.Request) -> dict:
     return status
 
 
+def _user_status(request: web.Request, status: dict, deployments: list[dict]) -> dict:
+    """A Hub user's view: their own leases, others' as a count (admins: all), their share of the budget."""
+    from .users import holdings
+
+    user = request[PRINCIPAL].user
+    hub = request.app["hub"]
+    registry = registry_of(request)
+    share, source = hub.shares.bytes_for(user, registry.budget_bytes)
+    held = holdings(registry.models.values(), user.name, registry.budget_kind)
+    status.update(
+        models=view_for(status["models"], user),
+        deployments=deployments,
+        version=__version__,
+        started=request.app["info"]["started"],
+        pid=request.app["info"]["pid"],
+        user={"name": user.name, "admin": user.admin},
+        share={"bytes": share, "source": source, "held_bytes": sum(part for _, part, _ in held)},
+        hub=True,
+    )
+    if not user.admin:
+        status.pop("other_bytes", None)  # other users' deployments by name
+    return status
+
+
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
-    return json_response({"status": "ok", "version": __version__, "pid": request.app["info"]["pid"]})
+    info = request.app["info"]
+    return json_response(
+        {"status": "ok", "version": __version__, "pid": info["pid"], "started": info["started"], "hub": info.get("hub")}
+    )
 
 
 @routes.get("/api/status")
@@ -124,7 +154,7 @@ async def events(request: web.Request) -> web.StreamResponse:
 async def catalog(request: web.Request) -> web.Response:
     entries = await asyncio.to_thread(catalog_entries, request.app["settings"].catalog_file)
     principal = request[PRINCIPAL]
-    if principal.kind != "key":  # the aliases a token names, without their file paths
+    if principal.kind not in ("key", "user"):  # the aliases a token names, without their file paths
         entries = {
             name: {k: v for k, v in entry.items() if k in ("backend", "description", "task")}
             for name, entry in entries.items()
@@ -135,13 +165,16 @@ async def catalog(request: web.Request) -> web.Response:
 
 def _lease(request: web.Request, client) -> Lease:
     data = client.model_dump() if client is not None else None
-    return Lease.from_json(data, fallback=f"anonymous@{request.remote}")
+    # A Hub user's lease is theirs, whatever the client says it is: the user comes from the Hub.
+    return Lease.from_json(data, fallback=f"anonymous@{request.remote}", user=request[PRINCIPAL].user_name)
 
 
 @routes.post("/api/models/load")
 async def load(request: web.Request) -> web.StreamResponse:
     request[PRINCIPAL].require_admin()
     body = parse(LoadRequest, await read_json(request))
+    if (body.options or {}).get("trust_remote_code"):  # the model's own code would run as the shared host
+        request[PRINCIPAL].require_operator("loading with trust_remote_code on a JupyterHub's shared host")
     spec = await asyncio.to_thread(
         resolve,
         body.model,
@@ -162,11 +195,18 @@ async def load(request: web.Request) -> web.StreamResponse:
     # The load is the registry's task: if this request goes away, the load goes on.
     task = asyncio.ensure_future(registry.load(spec, lease, keep_alive, api_key=body.api_key))
 
+    user = request[PRINCIPAL].user
+
     def result() -> dict:
         model, attached = task.result()
         others = [lease_.name for lease_ in model.leases.values() if lease_.client != lease.client]
+        shown = model.status_json(registry.budget_kind)
+        if user is not None:  # other users' notebooks are theirs: a count, unless an admin asks
+            shown = view_for([shown], user)[0]
+            if not user.admin:
+                others = [x.name for x in model.leases.values() if x.user == user.name and x.client != lease.client]
         return {
-            "model": model.status_json(registry.budget_kind),
+            "model": shown,
             "attached": attached,
             "lease": lease.to_json(),
             "other_holders": others,
@@ -198,14 +238,50 @@ async def unload(request: web.Request) -> web.Response:
     request[PRINCIPAL].require_admin()
     body = parse(UnloadRequest, await read_json(request))
     registry = registry_of(request)
+    principal = request[PRINCIPAL]
     client = _lease(request, body.client).client
     if body.all:
         names = [name for name, m in registry.models.items() if body.force or client in m.leases]
-        results = [await registry.unload(name, client, body.force) for name in names]
+        if principal.kind == "user" and not principal.is_operator:  # "all" is all of one's own
+            names = [
+                n for n in names if client in registry.models[n].leases or not _others(registry.models[n], principal)
+            ]
+        for name in names:
+            _check_force(registry, name, body.force, principal)
+        results = [await _unload(registry, name, client, body.force, principal) for name in names]
         return json_response({"results": results})
     if not body.model:
         raise InvalidRequest('name the model to unload, or pass "all": true')
-    return json_response(await registry.unload(body.model, client, body.force))
+    _check_force(registry, body.model, body.force, principal)
+    return json_response(await _unload(registry, body.model, client, body.force, principal))
+
+
+async def _unload(registry: Registry, name: str, client: str, force: bool, principal) -> dict:
+    model = registry.models.get(name)
+    taken_from = _others(model, principal) if model is not None and force else []
+    result = await registry.unload(name, client, force)
+    if principal.kind == "user":
+        result["taken_from_users"] = taken_from  # a force-unload says whom it took the model from
+    return result
+
+
+def _others(model, principal) -> list[str]:
+    """The other users who hold ``model``."""
+    return sorted({lease.user or lease.name for lease in model.leases.values() if lease.user != principal.user_name})
+
+
+def _check_force(registry: Registry, name: str, force: bool, principal) -> None:
+    """A force-unload takes a model from everyone who holds it: from other users, only an admin may."""
+    model = registry.models.get(name)
+    if not force or model is None or principal.kind != "user":
+        return
+    others = _others(model, principal)
+    if others and not principal.is_operator:
+        raise PermissionDenied(
+            f"{name!r} is held by {len(others)} other user{'s' if len(others) != 1 else ''} too: force-unloading it "
+            "would take it from them, which only a JupyterHub admin (or a user with the custom:llm-nb:admin scope) "
+            f"may do. Unload without force to release your own lease."
+        )
 
 
 @routes.get("/api/models/{name:.+}/logs")
@@ -235,5 +311,6 @@ async def logs(request: web.Request) -> web.Response:
 @routes.post("/api/shutdown")
 async def shutdown(request: web.Request) -> web.Response:
     request[PRINCIPAL].require_admin()
+    request[PRINCIPAL].require_operator("stopping the shared host")
     request.app["stop_event"].set()
     return json_response({"stopping": True, "pid": request.app["info"]["pid"]})

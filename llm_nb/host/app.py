@@ -40,21 +40,33 @@ STOP_BOUND_S = 10.0
 STOP_MARGIN_S = 2.0  # the orderly stop aims to be done this long before the bound
 
 
-def create_app(settings: Settings, key: str, runtime: Path, info: dict) -> web.Application:
-    """The host's app; its registry (``app["registry"]``) is started and stopped by ``serve``."""
+def create_app(settings: Settings, key: str, runtime: Path, info: dict, hub: bool = False) -> web.Application:
+    """The host's app; its registry (``app["registry"]``) is started and stopped by ``serve``.
+
+    ``hub``: serve every user of a JupyterHub (``hub.HubMode``): users from their Hub tokens.
+    """
     # The deployments' workers share the models' memory budget, and their credentials hold
     # while they run: the registry and the token issuer ask the live deployments.
     live = LiveDeployments()
     tokens = TokenIssuer(deployment_alive=live.is_live)
     registry = Registry(settings, runtime, other_costs=live.memory_costs)
+    hub_mode = None
+    if hub:
+        from .hub import HubMode
+
+        hub_mode = HubMode(registry)
     app = web.Application(
         middlewares=[
             error_middleware,
             make_connection_limit(settings.max_connections),
-            make_auth_middleware(key, tokens.verify),
+            make_auth_middleware(key, tokens.verify, hub_mode.verify if hub_mode else None),
         ],
         client_max_size=settings.max_body_bytes,
     )
+    app["hub"] = hub_mode
+    if hub_mode is not None:
+        app.on_startup.append(hub_mode.start)
+        app.on_cleanup.append(hub_mode.stop)
     app["settings"] = settings
     app["registry"] = registry
     app["info"] = info
@@ -93,7 +105,7 @@ def _clean_stale_folders(parent: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-async def serve(settings: Settings, parent_pid: int | None = None) -> int:
+async def serve(settings: Settings, parent_pid: int | None = None, hub: bool = False, bind: str = "127.0.0.1") -> int:
     memory.limit_malloc_arenas()
     conn_file = connection_path(settings.connection_file)
     existing = live_host(conn_file)
@@ -109,9 +121,9 @@ async def serve(settings: Settings, parent_pid: int | None = None) -> int:
     key = secrets.token_urlsafe(32)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", settings.port))
+    sock.bind((bind, settings.port))
     port = sock.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{'127.0.0.1' if bind in ('0.0.0.0', '') else bind}:{port}"
     info = {
         "url": url,
         "key": key,
@@ -119,8 +131,9 @@ async def serve(settings: Settings, parent_pid: int | None = None) -> int:
         "version": __version__,
         "started": time.time(),
         "runtime_dir": str(runtime),
+        "hub": hub,
     }
-    app = create_app(settings, key, runtime, info)
+    app = create_app(settings, key, runtime, info, hub=hub)
     registry: Registry = app["registry"]
     # handler_cancellation: a client that goes away cancels its request, and so its generation.
     # keepalive_timeout also bounds a connection that has not sent a whole request yet (aiohttp
@@ -278,6 +291,14 @@ def add_host_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--parent-pid", type=int, help="stop when this process ends (the Jupyter server that supervises the host)"
     )
+    parser.add_argument(
+        "--hub",
+        action="store_true",
+        help="serve every user of a JupyterHub (run by `llm-nb hub-service`, which the Hub starts)",
+    )
+    parser.add_argument(
+        "--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1; a Hub service may need 0.0.0.0)"
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -293,4 +314,11 @@ def run_from_args(args: argparse.Namespace) -> int:
         settings.memory_budget = parse_size(args.memory_budget)
     if args.keep_alive is not None:
         settings.keep_alive = parse_duration(args.keep_alive)
-    return asyncio.run(serve(settings, parent_pid=getattr(args, "parent_pid", None)))
+    return asyncio.run(
+        serve(
+            settings,
+            parent_pid=getattr(args, "parent_pid", None),
+            hub=getattr(args, "hub", False),
+            bind=getattr(args, "bind", "127.0.0.1"),
+        )
+    )

@@ -8,12 +8,13 @@ import hmac
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
 from ..config import LOAD_ON_REQUEST_HEADER
 from ..errors import AuthenticationError, InvalidRequest, LlmNbError, PermissionDenied, RequestTooLarge
+from .scheduler import CALLER
 
 log = logging.getLogger("llm_nb.host")
 
@@ -125,13 +126,35 @@ def may_load(request: web.Request) -> bool:
     return request.headers.get(LOAD_ON_REQUEST_HEADER, "1").strip() != "0"
 
 
-class Principal:
-    """Who is calling: the host key (everything) or a session token (its scope)."""
+#: Hub mode: a user's deployment NAME is "USER~NAME" on the shared host (its URL /models/USER~NAME/).
+OWNER_SEP = "~"
 
-    def __init__(self, kind: str, scope: frozenset[str] | None = None, subject: str | None = None):
+
+class Principal:
+    """Who is calling: the host key (everything), a session token (its scope), a deployment, or
+    (in hub mode) a Hub user, whose rules are the host's rules for users."""
+
+    def __init__(self, kind: str, scope: frozenset[str] | None = None, subject: str | None = None, user=None):
         self.kind = kind
         self.scope = scope  # None: every model and deployment
         self.subject = subject
+        self.user = user  # hub.HubUser for kind "user"
+
+    @property
+    def user_name(self) -> str | None:
+        return self.user.name if self.user is not None else None
+
+    @property
+    def is_operator(self) -> bool:
+        """The host key, or a Hub admin: may act on what other users hold."""
+        return self.kind == "key" or (self.user is not None and self.user.admin)
+
+    def require_operator(self, what: str) -> None:
+        if not self.is_operator:
+            raise PermissionDenied(
+                f"{what} is for JupyterHub admins (or users with the custom:llm-nb:admin scope); "
+                f"{self.user_name or 'this token'} is neither"
+            )
 
     def allows(self, name: str) -> bool:
         return self.scope is None or name in self.scope
@@ -140,8 +163,29 @@ class Principal:
         if not self.allows(name):
             raise PermissionDenied(f"this session token is not valid for {name!r}; ask for a token scoped to it")
 
+    # --- hub mode: deployments are per user, named "USER~NAME" ----------------------------
+    def deployment_name(self, name: str) -> str:
+        """The deployment a caller means by ``name``: a Hub user's own ("alice~name"), unless named in full."""
+        if self.user is None or OWNER_SEP in name:
+            return name
+        return f"{self.user.name}{OWNER_SEP}{name}"
+
+    def may_use_deployment(self, name: str) -> bool:
+        if self.user is None:
+            return self.allows(name)
+        return self.user.admin or name.startswith(self.user.name + OWNER_SEP)
+
+    def require_deployment(self, name: str) -> None:
+        if not self.may_use_deployment(name):
+            if self.user is not None:
+                raise PermissionDenied(
+                    f"{name!r} is another user's deployment; its owner can give you a session token for it"
+                )
+            self.require(name)
+
     def require_admin(self) -> None:
-        if self.kind != "key":
+        """The host's own routes (load, unload, deploy): the host key, or a Hub user under the user rules."""
+        if self.kind not in ("key", "user"):
             raise PermissionDenied("this route needs the host key, not a session token")
 
 
@@ -149,7 +193,12 @@ class Principal:
 PRINCIPAL = web.RequestKey("principal", Principal)
 
 
-def make_auth_middleware(key: str, token_verifier: Callable[[str], Principal | None] | None = None):
+def make_auth_middleware(
+    key: str,
+    token_verifier: Callable[[str], Principal | None] | None = None,
+    hub_verifier: Callable[[str], Awaitable[Principal | None]] | None = None,
+):
+    """``hub_verifier``: in hub mode, asks the Hub whose API token a credential is."""
     key_bytes = key.encode()
 
     @web.middleware
@@ -168,9 +217,15 @@ def make_auth_middleware(key: str, token_verifier: Callable[[str], Principal | N
             principal = Principal("key")
         elif token_verifier is not None:
             principal = token_verifier(credential.strip())
+        if principal is None and hub_verifier is not None:
+            principal = await hub_verifier(credential.strip())
         if principal is None:
-            raise AuthenticationError("the key or session token is wrong or has expired")
+            raise AuthenticationError(
+                "the key or session token is wrong or has expired"
+                + ("; on a JupyterHub, send your own Hub API token ($JUPYTERHUB_API_TOKEN)" if hub_verifier else "")
+            )
         request[PRINCIPAL] = principal
+        CALLER.set(principal.user_name)  # the fair queues take users in turn
         return await handler(request)
 
     return auth

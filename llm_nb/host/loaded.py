@@ -8,6 +8,7 @@ same small interface, ``Runner``, so the routes never ask which one they hold.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
@@ -51,26 +52,43 @@ class Runner(Protocol):
 
 @dataclass
 class Lease:
-    """One client's hold on a model. ``pid`` lets the host notice the client is gone."""
+    """One client's hold on a model. ``pid`` lets the host notice the client is gone.
+
+    In hub mode ``user`` is the Hub user the host identified (never the client's word; ``client``
+    is then prefixed with it, so one user cannot release another's lease), ``server`` the
+    user's named server ("" the default one) and ``hostname`` where ``pid`` runs: a pid on
+    another machine (a user's server in its own container) is never looked up here.
+    """
 
     client: str
     name: str = ""
     pid: int | None = None
     pid_started: float | None = None
     since: float = field(default_factory=time.time)
+    user: str | None = None
+    server: str | None = None
+    hostname: str | None = None
 
     @classmethod
-    def from_json(cls, data: dict | None, fallback: str) -> Lease:
+    def from_json(cls, data: dict | None, fallback: str, user: str | None = None) -> Lease:
         data = data if isinstance(data, dict) else {}
         client = str(data.get("id") or data.get("client") or fallback)[:200]
         pid = data.get("pid")
         started = data.get("pid_started")
+        server, hostname = data.get("server"), data.get("hostname")
         return cls(
-            client=client,
+            client=f"{user}/{client}" if user is not None else client,
             name=str(data.get("name") or client)[:300],
             pid=int(pid) if isinstance(pid, int) and pid > 0 else None,
             pid_started=float(started) if isinstance(started, (int, float)) else None,
+            user=user,
+            server=str(server)[:255] if user is not None and isinstance(server, str) else None,
+            hostname=str(hostname)[:255] if isinstance(hostname, str) else None,
         )
+
+    def watchable(self) -> bool:
+        """Whether its pid can be checked from here (it runs on this machine)."""
+        return self.pid is not None and (self.hostname is None or self.hostname == socket.gethostname())
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -144,7 +162,8 @@ class LoadedModel:
             "gpu_bytes": self.measured["gpu_bytes"],
             "estimate_bytes": self.estimate_bytes,
             "leases": [
-                {"client": lease.client, "name": lease.name, "since": lease.since} for lease in self.leases.values()
+                {"client": lease.client, "name": lease.name, "since": lease.since, "user": lease.user}
+                for lease in self.leases.values()
             ],
             "in_flight": self.queue.in_flight,
             "waiting": self.queue.waiting,

@@ -10,7 +10,6 @@ status) is a ``loaded.LoadedModel``.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -20,7 +19,6 @@ from ..catalog import ModelSpec, catalog_spec
 from ..config import Settings, format_bytes
 from ..connection import pid_alive
 from ..errors import (
-    CrashedRecently,
     InsufficientMemory,
     InvalidModelFile,
     InvalidRequest,
@@ -31,26 +29,19 @@ from ..errors import (
 )
 from ..model_files import gguf_problem
 from . import memory
+from .crashes import CrashMemory
 from .loaded import Lease, LoadedModel, Runner
 from .remote import RemoteEngine
 from .scheduler import ModelQueue
 from .vllm import VllmEngine
 from .vllm_env import checked_spec
-from .workers import WatchedProcess, WorkerProcess, crash_advice, fault_signal, safe_name
+from .workers import WatchedProcess, WorkerProcess, safe_name
 
 log = logging.getLogger("llm_nb.host.registry")
-
-#: How long after a worker died of a fault signal a load of the same model, the same way, is refused.
-CRASH_HOLD_S = 60.0
 
 
 def _same_model(a: ModelSpec, b: ModelSpec) -> bool:
     return (a.backend, a.path, a.url, a.remote_model) == (b.backend, b.path, b.url, b.remote_model)
-
-
-def _load_key(spec: ModelSpec) -> tuple:
-    """A model loaded a given way, whatever its name: what a crash is remembered by."""
-    return (spec.backend, spec.path, spec.url, json.dumps(spec.options or {}, sort_keys=True, default=str))
 
 
 class Registry:
@@ -75,8 +66,13 @@ class Registry:
         self._admit = asyncio.Lock()
         self._reaper: asyncio.Task | None = None
         self._worker_seq = 0
-        #: Loads whose worker died of a fault signal: (monotonic time, what was said of the crash).
-        self._crashes: dict[tuple, tuple[float, str]] = {}
+        self._crashes = CrashMemory()
+        #: Hub mode: checks a user's load against their share (``users.Shares.check``), and says
+        #: who holds a model without naming other users.
+        self.admission: Callable[[Lease | None, LoadedModel | None, int, str], None] | None = None
+        self.describe_holders: Callable[[LoadedModel], str] = lambda m: (
+            ", ".join(lease.name for lease in m.leases.values()) or "nobody"
+        )
 
     # --- change notification (the panel's event stream) ---------------------
     def notify(self) -> None:
@@ -115,7 +111,7 @@ class Registry:
     def holders_summary(self) -> str:
         parts = []
         for m in self.models.values():
-            holders = ", ".join(lease.name for lease in m.leases.values()) or "nobody"
+            holders = self.describe_holders(m)
             parts.append(
                 f"{m.spec.name} ({format_bytes(m.cost_bytes(self.budget_kind))}, {m.display_state}) held by {holders}"
             )
@@ -168,7 +164,7 @@ class Registry:
         async with self._admit:
             model = self.models.get(spec.name)
             if model is None or model.state in ("failed", "unloading"):
-                self._refuse_after_crash(spec)
+                self._crashes.refuse(spec)
             carried: dict[str, Lease] = {}
             if model is not None and model.state in ("failed", "unloading"):
                 carried = model.leases if model.state == "failed" else {}
@@ -180,6 +176,8 @@ class Registry:
                         f"the name {spec.name!r} is taken by {model.spec.path or model.spec.url} ({model.spec.backend}); "
                         "choose another with --name"
                     )
+                if self.admission is not None:
+                    self.admission(lease, model, model.cost_bytes(self.budget_kind), spec.name)
                 if lease is not None:
                     model.leases[lease.client] = lease
                     model.idle_since = None
@@ -191,6 +189,8 @@ class Registry:
                 if spec.backend == "vllm":  # a 400 that says how to install it, or names an option, before any eviction
                     spec = checked_spec(spec)
                 need = await asyncio.to_thread(memory.estimate, spec)
+                if self.admission is not None:
+                    self.admission(lease, None, need, spec.name)
                 await self._make_room(need, spec.name)
                 model = LoadedModel(
                     spec,
@@ -258,34 +258,10 @@ class Registry:
             return None
         return await asyncio.to_thread(gguf_problem, spec.path)
 
-    def _refuse_after_crash(self, spec: ModelSpec) -> None:
-        """A load of a model whose worker just died of a fault, loaded the same way, is refused for a while:
-        a segfault at the first decode would only come back (and the notebook would read it twice)."""
-        key = _load_key(spec)
-        crash = self._crashes.get(key)
-        if crash is None:
-            return
-        at, reason = crash
-        age = time.monotonic() - at
-        if age >= CRASH_HOLD_S:
-            del self._crashes[key]
-            return
-        wait = CRASH_HOLD_S - age
-        raise CrashedRecently(
-            f"not loading {spec.name!r}: {age:.0f} s ago {reason}\n"
-            f"It was loaded the same way, so it would crash again. Load it with other options, or retry in {wait:.0f} s.",
-            retry_after=max(1, round(wait)),
-        )
-
     async def _worker_exited(self, worker: WatchedProcess) -> None:
         if worker.stopping:
             return
-        if fault_signal(worker.returncode):
-            advice = crash_advice(worker.spec, worker.returncode)
-            self._crashes[_load_key(worker.spec)] = (
-                time.monotonic(),
-                worker.crash_reason() + (f"\n{advice}" if advice else ""),
-            )
+        self._crashes.remember(worker)
         for model in self.models.values():
             if model.runner is worker and model.state != "unloading":
                 model.state = "failed"
@@ -313,6 +289,22 @@ class Registry:
             "remaining_leases": len(model.leases),
             "expires_at": model.expires_at(),
         }
+
+    async def release(self, gone: Callable[[Lease], bool], why: str) -> int:
+        """End every lease ``gone`` picks (``why``: for the log); returns how many ended."""
+        released = 0
+        for model in list(self.models.values()):
+            for client, lease in list(model.leases.items()):
+                if gone(lease):
+                    log.info("releasing %s's lease on %s: %s", lease.name, model.spec.name, why)
+                    del model.leases[client]
+                    released += 1
+            if released and not model.leases:
+                model.idle_since = model.idle_since or time.time()
+                await self._expire(model)
+        if released:
+            self.notify()
+        return released
 
     async def _expire(self, model: LoadedModel, now: float | None = None) -> bool:
         """Free a model whose keep-alive has run out (or that failed and nobody holds)."""
@@ -409,7 +401,7 @@ class Registry:
         changed = False
         for model in list(self.models.values()):
             for client, lease in list(model.leases.items()):
-                if lease.pid is not None and not pid_alive(lease.pid, lease.pid_started):
+                if lease.watchable() and not pid_alive(lease.pid, lease.pid_started):
                     log.info(
                         "client %s (pid %s) is gone: releasing its lease on %s", lease.name, lease.pid, model.spec.name
                     )

@@ -331,6 +331,8 @@ class ClientInfo(_Base):
     name: str | None = Field(None, max_length=300)
     pid: int | None = Field(None, ge=1, le=2**31)
     pid_started: float | None = None
+    hostname: str | None = Field(None, max_length=255, description="where pid runs (a user's server may be elsewhere)")
+    server: str | None = Field(None, max_length=255, description="hub mode: the user's named server ('' the default)")
 
 
 class LoadRequest(_Base):
