@@ -20,8 +20,8 @@ from collections.abc import Callable
 import jwt
 from aiohttp import web
 
-from ..errors import InvalidRequest
-from .http import PRINCIPAL, Principal, json_response, read_json
+from ..errors import InvalidRequest, PermissionDenied
+from .http import OWNER_SEP, PRINCIPAL, Principal, json_response, read_json
 from .schemas import TokenRequest, parse
 
 DEFAULT_TTL_S = 3600.0
@@ -113,7 +113,29 @@ def _check_scope(scope) -> list[str]:
 @routes.post("/api/token")
 async def token(request: web.Request) -> web.Response:
     """Mint a session token. Only the host key may: a token cannot mint more tokens."""
-    request[PRINCIPAL].require_admin()
+    principal = request[PRINCIPAL]
+    principal.require_admin()
     body = parse(TokenRequest, await read_json(request))
+    scope = body.scope
+    if principal.user is not None:  # on a JupyterHub: the models, and the user's own deployments
+        scope = _user_scope(request, _check_scope(scope))
     issuer: TokenIssuer = request.app["tokens"]
-    return json_response(issuer.issue(body.scope, body.ttl))
+    return json_response(issuer.issue(scope, body.ttl))
+
+
+def _user_scope(request: web.Request, scope: list[str]) -> list[str]:
+    principal = request[PRINCIPAL]
+    if "*" in scope and not principal.is_operator:
+        raise PermissionDenied(
+            'a token for "*" would open every user\'s deployments; name your models and deployments instead'
+        )
+    deployments = request.app["deployments"]
+    named = []
+    for name in scope:
+        own = principal.deployment_name(name)
+        if own in deployments.deployments or own in deployments.pending or OWNER_SEP in name:
+            principal.require_deployment(own)
+            named.append(own)
+        else:
+            named.append(name)  # a model: shared by every user
+    return sorted(set(named))

@@ -41,7 +41,8 @@ from .sources import files_to_copy, read_model_json
 from .versions import Deployment, DeploymentWorker, LiveDeployments
 
 log = logging.getLogger("llm_nb.host.deployments")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: A name, or on a JupyterHub's shared host "USER~NAME" (a user's own; see http.OWNER_SEP).
+NAME_RE = re.compile(r"^(?:[^~/\\\s]{1,128}~)?[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DRAIN_S = 60.0
 CLEANUP_GRACE_S = 35.0  # cleanup() may take its time, except while the host stops
 UNWIND_S = 5.0  # a cancelled deploy's stage: kill its worker or drop its partial files

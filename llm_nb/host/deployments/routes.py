@@ -37,7 +37,7 @@ async def model_api(request: web.Request) -> web.Response:
             f"{request.method} is not allowed on {request.path}; use GET or POST", code="method_not_allowed", status=405
         )
     name = request.match_info["name"]
-    request[PRINCIPAL].require(name)
+    request[PRINCIPAL].require_deployment(name)
     manager = manager_of(request)
     if _truthy(request.query.get("get_meta")):
         dep = manager.deployments.get(name)
@@ -58,14 +58,19 @@ async def list_deployments(request: web.Request) -> web.Response:
     manager = manager_of(request)
     await manager.refresh()
     principal = request[PRINCIPAL]
-    listed = await asyncio.to_thread(manager.status_json, principal.allows)
+    listed = await asyncio.to_thread(manager.status_json, principal.may_use_deployment)
     return json_response({"deployments": listed if principal.kind == "key" else [scoped_meta(d) for d in listed]})
 
 
 @routes.post("/api/deployments/deploy")
 async def deploy(request: web.Request) -> web.StreamResponse:
-    request[PRINCIPAL].require_admin()
+    principal = request[PRINCIPAL]
+    principal.require_admin()
     body = parse(DeployRequest, await read_json(request))
+    if principal.user is not None:
+        _check_user_deploys(request)
+        body.name = principal.deployment_name(body.name)
+        principal.require_deployment(body.name)
     manager = manager_of(request)
     events: asyncio.Queue = asyncio.Queue()
     started = time.monotonic()
@@ -109,15 +114,31 @@ async def deploy(request: web.Request) -> web.StreamResponse:
 
 @routes.post("/api/deployments/undeploy")
 async def undeploy(request: web.Request) -> web.Response:
-    request[PRINCIPAL].require_admin()
+    principal = request[PRINCIPAL]
+    principal.require_admin()
     body = parse(UndeployRequest, await read_json(request))
-    return json_response(await manager_of(request).undeploy(body.name))
+    name = principal.deployment_name(body.name)
+    principal.require_deployment(name)
+    return json_response(await manager_of(request).undeploy(name))
+
+
+def _check_user_deploys(request: web.Request) -> None:
+    """A deployment runs its model.py inside the shared host's service account: on a JupyterHub, only
+    admins deploy unless the operator lets users (LLM_NB_HUB_USER_DEPLOYS=1, e.g. a sandboxed service)."""
+    principal = request[PRINCIPAL]
+    if principal.is_operator or request.app["hub"].user_deploys:
+        return
+    raise PermissionDenied(
+        "deployments run their model.py as the shared host's service account, so on this JupyterHub only admins "
+        "deploy; ask one, or ask the operator to set LLM_NB_HUB_USER_DEPLOYS=1 for the llm-nb service"
+    )
 
 
 @routes.get("/api/deployments/{name}/logs")
 async def deployment_logs(request: web.Request) -> web.Response:
     request[PRINCIPAL].require_admin()
-    name = request.match_info["name"]
+    name = request[PRINCIPAL].deployment_name(request.match_info["name"])
+    request[PRINCIPAL].require_deployment(name)
     path = manager_of(request).log_path(name)
     if not path.exists():
         raise ModelNotFound(f"no log for deployment {name!r} on this host")
@@ -134,7 +155,7 @@ async def use_model(request: web.Request) -> web.Response:
         dep = manager.by_instance(principal.subject)
         if dep is None or dep.name != name:
             raise PermissionDenied("a deployment's credential may lease models for that deployment only")
-    elif principal.kind == "key":
+    elif principal.kind == "key" or principal.is_operator:
         dep = manager.deployments.get(name)
         if dep is None:
             manager.get(name)
