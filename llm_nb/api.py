@@ -297,7 +297,8 @@ class Session:
             except (ModelNotFound, ModelLoading) as exc:
                 name = body["model"]
                 if isinstance(exc, ModelNotFound) and name in self.held:
-                    self._refuse_to_reload(name, client.host_info()["pid"], client.locator.previous_exit)
+                    # Asked afresh: a host restarted on the same URL (a Hub's shared host) answers like the old one.
+                    self._refuse_to_reload(name, client.host_info(refresh=True)["pid"], client.locator.previous_exit)
                 if loaded:
                     raise
                 loaded = True

@@ -10,6 +10,7 @@ llm-nb deploy NAME FOLDER        serve FOLDER's model.py at /models/NAME/
 llm-nb undeploy NAME             run its cleanup() and end its worker
 llm-nb stop                      stop the host
 llm-nb selfcheck [MODEL]         does the default model decode here (in a worker and in-process)?
+llm-nb hub-service               one host for every user of a JupyterHub (run by the Hub)
 """
 
 from __future__ import annotations
@@ -137,7 +138,12 @@ def cmd_logs(args) -> int:
 def cmd_stop(args) -> int:
     from .client import Client
     from .connection import connection_path, live_host
+    from .locator import hub_locator
 
+    if args.connection_file is None and hub_locator() is not None:  # the Hub's shared host: admins only
+        result = Client(autostart=False).shutdown()
+        print(f"the JupyterHub's shared host {result['pid']} is stopping (its service starts a new one)")
+        return 0
     if live_host(connection_path(args.connection_file)) is None:
         print("no host is running")
         return 0
@@ -265,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.set_defaults(func=cmd_undeploy)
 
+    sub.add_parser(
+        "hub-service", help="run one host for every user of a JupyterHub (the Hub starts it; see the README)"
+    )
+
     p = sub.add_parser("stop", help="stop the host (its models are unloaded)")
     p.set_defaults(func=cmd_stop)
 
@@ -277,6 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["hub-service"]:  # its own options; run by JupyterHub
+        from .hub_service import main as hub_service_main
+
+        return hub_service_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "chat":

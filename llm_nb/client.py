@@ -23,7 +23,7 @@ from .catalog import catalog_entries, user_path
 from .config import DEFAULT_MODEL, client_name
 from .connection import connection_path
 from .errors import HostUnavailable, LlmNbError
-from .locator import FixedHost, HostLocator, Locator, spawn_host
+from .locator import FixedHost, HostLocator, Locator, hub_locator, spawn_host
 from .streams import Reply, ReplyView, atext_pieces, text_pieces
 from .transport import AsyncTransport, SyncTransport, nothing_sent
 
@@ -47,7 +47,16 @@ def client_identity() -> dict:
         prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
         name = f"kernel {kernel_id[:8]}" if kernel_id else f"{prog} (pid {pid})"
     client_id = f"kernel:{kernel_id}" if kernel_id else f"pid:{pid}@{socket.gethostname()}"
-    return {"id": client_id, "name": name, "pid": pid, "pid_started": psutil.Process(pid).create_time()}
+    identity = {
+        "id": client_id,
+        "name": name,
+        "pid": pid,
+        "pid_started": psutil.Process(pid).create_time(),
+        "hostname": socket.gethostname(),
+    }
+    if "JUPYTERHUB_API_TOKEN" in os.environ:  # which of the user's servers: its leases end with it
+        identity["server"] = os.environ.get("JUPYTERHUB_SERVER_NAME", "")
+    return identity
 
 
 class ChatStream(ReplyView):
@@ -139,6 +148,8 @@ class _Made:
         on_notice: Callable[[str], None] | None = None,
         locator: Locator | None = None,
     ):
+        if locator is None and connection is None:  # in a user's server of a Hub with a shared host: that one
+            locator = hub_locator(on_notice)
         super().__init__(locator or HostLocator(connection_path(connection), autostart, on_notice), timeout)
         self.identity = client_identity()
 

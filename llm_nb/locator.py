@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
+import requests
+
 from .config import stream_read_timeout
 from .connection import live_host, pid_alive, read_connection
 from .errors import HostUnavailable, LlmNbError, print_notice
@@ -131,6 +133,80 @@ class FixedHost:
 
     def no_answer(self, what: str) -> LlmNbError:
         return HostUnavailable(f"the llm-nb host at {self.info['url']} closed the {what} stream without an answer")
+
+
+class HubLocator:
+    """The host a JupyterHub runs for all its users (``llm-nb hub-service``), called with this user's own
+    Hub API token; the Hub's host is never started or replaced from here.
+
+    Found by ``LLM_NB_HUB_URL`` (``configure_jupyterhub`` sets it in every user's server) and
+    ``JUPYTERHUB_API_TOKEN`` (the Hub sets it in every user's server and kernel).
+    """
+
+    #: A request that never reached the host (restarted by the Hub's service) is sent once more, to the new one.
+    replaceable = True
+
+    def __init__(self, url: str, token: str, on_notice: Callable[[str], None] | None = None):
+        self.url = url.rstrip("/")
+        self.token = token
+        self.on_notice = on_notice or print_notice
+        self.info: dict | None = None
+        self.previous_exit: dict | None = None
+        self.notices: list[str] = []
+        self._lock = threading.Lock()
+
+    def find(self, refresh: bool = False) -> dict:
+        with self._lock:
+            if self.info is not None and not refresh:
+                return self.info
+            try:
+                answer = requests.get(self.url + "/health", timeout=5)
+                answer.raise_for_status()
+                health = answer.json()
+            except (requests.RequestException, ValueError) as exc:
+                raise HostUnavailable(
+                    f"the JupyterHub's llm-nb service at {self.url} does not answer ({exc}); it is shared by every "
+                    "user, so ask the Hub's admin (the service's log says why). LLM_NB_HUB=0 runs a host of your own."
+                ) from None
+            info = {"url": self.url, "key": self.token, "pid": health.get("pid"), "started": health.get("started")}
+            previous = self.info
+            if previous is not None and previous.get("pid") != info["pid"]:
+                self.previous_exit = {"pid": previous.get("pid"), "reason": "restarted", "replaced_at": time.time()}
+                message = (
+                    f"the JupyterHub's llm-nb host was restarted (pid {previous.get('pid')} is now {info['pid']}): "
+                    "models loaded before must be loaded again"
+                )
+                self.notices.append(message)
+                self.on_notice(message)
+            self.info = info
+            return info
+
+    def lost(self, info: dict, exc: BaseException) -> LlmNbError:
+        if read_timed_out(exc):
+            return HostUnavailable(
+                f"the JupyterHub's llm-nb host at {self.url} sent nothing for {stream_read_timeout():.0f} s, not "
+                "even a heartbeat: it is hung or overloaded; the call was given up"
+            )
+        self.info = None  # the next call asks again, and says so if the host was restarted
+        return HostUnavailable(
+            f"the JupyterHub's llm-nb host at {self.url} stopped answering during this call ({type(exc).__name__}); "
+            "it is shared by every user and restarted by the Hub. The next call finds it again; models loaded "
+            "before a restart must be loaded again",
+            pid=info.get("pid"),
+        )
+
+    def no_answer(self, what: str) -> LlmNbError:
+        return HostUnavailable(f"the JupyterHub's llm-nb host closed the {what} stream without an answer")
+
+
+def hub_locator(on_notice: Callable[[str], None] | None = None) -> HubLocator | None:
+    """The Hub's shared host when this process runs in a user's server of a Hub that has one
+    (and ``LLM_NB_HUB`` is not ``0``); else None: a host of one's own, as without a Hub."""
+    url = os.environ.get("LLM_NB_HUB_URL", "").strip()
+    token = os.environ.get("JUPYTERHUB_API_TOKEN", "").strip()
+    if not url or not token or os.environ.get("LLM_NB_HUB", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    return HubLocator(url, token, on_notice)
 
 
 class HostLocator:

@@ -122,6 +122,14 @@ class Undeployed(_Lines):
         return [f"{self['name']}: undeployed v{self['version']} after {self['requests_served']} requests"]
 
 
+def holders_text(model: dict) -> str:
+    """Who holds a model: the notebooks' names, or on a JupyterHub's shared host "you (2 notebooks) and 3 other
+    users" (the host says it so; other users' notebooks are theirs)."""
+    if model.get("holders"):
+        return str(model["holders"]).removeprefix("held by ")
+    return ", ".join(lease["name"] for lease in model.get("leases") or [])
+
+
 class LoadResult(dict):
     """The host's answer to a load: ``model`` (its status), ``attached``, ``lease``, ``other_holders``, ``seconds``."""
 
@@ -171,11 +179,21 @@ class Status(dict):
     def _waits(self) -> list[tuple[str, str]]:
         return [(d["name"], wait) for d in self.deployments if (wait := deployment_wait(d))]
 
+    def _share_line(self) -> str | None:
+        """Hub mode: who the host takes this caller for, and their share of its budget."""
+        user, share = self.get("user"), self.get("share")
+        if not user or not share:
+            return None
+        return (
+            f"you are {user['name']}{' (admin)' if user.get('admin') else ''} on the JupyterHub's shared host: "
+            f"you hold {format_bytes(share['held_bytes'])} of your {format_bytes(share['bytes'])} share"
+        )
+
     def to_text(self) -> str:
         """Fixed-width tables, as ``llm-nb ps`` prints them."""
         rows = [("NAME", "BACKEND", "DEVICE", "STATE", "MEMORY", "CACHE", "HELD BY", "IN FLIGHT", "SERVED", "UNTIL")]
         for m in self.get("models", []):
-            holders = ", ".join(lease["name"] for lease in m.get("leases") or []) or "-"  # a token sees none
+            holders = holders_text(m) or "-"  # a token sees none
             rows.append(
                 (
                     m["name"],
@@ -197,6 +215,8 @@ class Status(dict):
             f"budget: {format_bytes(self.get('used_bytes', 0))} of {format_bytes(self.get('budget_bytes'))} "
             f"({str(self.get('budget_kind', 'ram')).upper()}) used · host pid {self.get('pid')} at {self.get('url')}"
         )
+        if share := self._share_line():
+            lines.append(share)
         lines += [f"{name} failed: {failure}" for name, failure in self._failures()]
         lines += [f"{name} waits for Ray: {wait}" for name, wait in self._waits()]
         return "\n".join(lines)
@@ -207,7 +227,7 @@ class Status(dict):
     def to_markdown(self) -> str:
         rows = ["| model | backend | device | state | memory | cache | held by | in flight | until |", "|---" * 9 + "|"]
         for m in self.get("models", []):
-            holders = ", ".join(_md_cell(lease["name"]) for lease in m.get("leases") or []) or "—"
+            holders = _md_cell(holders_text(m)) or "—"
             rows.append(
                 f"| {_md_cell(m['name'])} | {m['backend']} | {m.get('device') or '—'} | {m['state']} | "
                 f"{format_bytes(m['memory_bytes'])} | {_md_cell(cache_cell(m))} | {holders} | {m['in_flight']} | "
@@ -224,6 +244,8 @@ class Status(dict):
             f"budget: **{format_bytes(used)}** of {format_bytes(budget)} {str(self.get('budget_kind', 'ram')).upper()} "
             f"({100 * used / budget:.0f} %) · host pid {self.get('pid')} at {self.get('url')}"
         )
+        if share := self._share_line():
+            rows.append(f"\n{_md_cell(share)}")
         rows += [f"\n**{_md_cell(name)} failed:** {_md_cell(failure)}" for name, failure in self._failures()]
         rows += [f"\n**{_md_cell(name)} waits for Ray:** {_md_cell(wait)}" for name, wait in self._waits()]
         return "\n".join(rows)

@@ -27,7 +27,7 @@ from .api import ChatReply, Session, Status
 from .config import DEFAULT_MODEL, format_bytes
 from .display import one_line
 from .errors import InvalidRequest, LlmNbError
-from .results import cache_cell, deployment_cells, deployment_wait
+from .results import cache_cell, deployment_cells, deployment_wait, holders_text
 
 _live_panels: weakref.WeakSet[Panel] = weakref.WeakSet()
 
@@ -203,9 +203,11 @@ class Panel(w.VBox):
         rows = []
         for m in status.get("models", []):
             holders = ", ".join(
-                ("<b>this notebook</b>" if lease["client"] == me else html.escape(lease["name"]))
+                ("<b>this notebook</b>" if lease["client"].endswith(me) else html.escape(lease["name"]))
                 for lease in m["leases"]
             )
+            if m.get("holders"):  # a JupyterHub's shared host: other users are a count
+                holders = html.escape(holders_text(m))
             state = html.escape(m["state"])
             if m.get("progress") and m["progress"].get("message"):
                 state += f" ({html.escape(str(m['progress']['message']))})"

@@ -12,12 +12,17 @@ Configure it like any Jupyter app, e.g. in ``jupyter_server_config.py``::
     c.LlmNbExtension.start_policy = "startup"
 
 Each setting's default comes from its ``LLM_NB_*`` environment variable.
+
+Under a JupyterHub whose ``llm-nb hub-service`` runs one host for every user
+(``LLM_NB_HUB_URL`` in the server's environment), the server starts no host:
+it uses the Hub's, with the user's own Hub API token (``hub_link``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from pathlib import Path
 
 import aiohttp
@@ -29,8 +34,10 @@ from .._version import __version__
 from ..config import parse_duration, parse_size, setting_text
 from ..connection import CONNECTION_ENV
 from ..errors import LlmNbError
+from ..locator import hub_locator
 from .events import StatusHub
 from .handlers import route_table
+from .hub_link import HubServiceLink
 from .supervisor import HostSupervisor
 
 KERNEL_ACTIONS_SCHEMA = "https://events.jupyter.org/jupyter_server/kernel_actions/v1"
@@ -115,6 +122,27 @@ class LlmNbExtension(ExtensionApp):
     # --- set-up ------------------------------------------------------------------
     def initialize_settings(self) -> None:
         runtime = Path(self.serverapp.runtime_dir)
+        self.hub = StatusHub(self.snapshot)
+        self._http: aiohttp.ClientSession | None = None
+        self.panel_identity = {
+            "id": f"jupyter-panel:{os.getpid()}",
+            "name": "LLM panel (JupyterLab)",
+            "pid": os.getpid(),
+            "pid_started": psutil.Process().create_time(),
+            "hostname": socket.gethostname(),
+        }
+        shared = hub_locator()
+        if shared is not None:
+            self.panel_identity["server"] = os.environ.get("JUPYTERHUB_SERVER_NAME", "")
+            self.supervisor = HubServiceLink(
+                shared.url, shared.token, runtime, on_change=self.hub.publish, log=self.log
+            )
+            self.start_policy = "startup"  # nothing to start: following the shared host costs one connection
+            self.hub.publish()
+            self.log.info(
+                "llm-nb %s: this server uses the JupyterHub's shared model host at %s", __version__, shared.url
+            )
+            return
         conn = Path(self.connection_file).expanduser() if self.connection_file else None
         conn = conn or runtime / f"llm-nb-host-{os.getpid()}.json"
         inherited = os.environ.get(CONNECTION_ENV)
@@ -133,7 +161,6 @@ class LlmNbExtension(ExtensionApp):
         env = {**os.environ, **self.host_env} if self.host_env else None
         if self.ray_address:
             env = {**(env or os.environ), "LLM_NB_RAY_ADDRESS": self.ray_address}
-        self.hub = StatusHub(self.snapshot)
         self.supervisor = HostSupervisor(
             conn,
             host_args=host_args,
@@ -143,13 +170,6 @@ class LlmNbExtension(ExtensionApp):
             on_change=self.hub.publish,
             log=self.log,
         )
-        self._http: aiohttp.ClientSession | None = None
-        self.panel_identity = {
-            "id": f"jupyter-panel:{os.getpid()}",
-            "name": "LLM panel (JupyterLab)",
-            "pid": os.getpid(),
-            "pid_started": psutil.Process().create_time(),
-        }
         self.hub.publish()
         if self.start_policy == "lazy":
             self.serverapp.event_logger.add_listener(schema_id=KERNEL_ACTIONS_SCHEMA, listener=self._on_kernel_action)
@@ -207,6 +227,9 @@ class LlmNbExtension(ExtensionApp):
             "budget_bytes": status.get("budget_bytes"),
             "budget_kind": status.get("budget_kind"),
             "used_bytes": status.get("used_bytes"),
+            # Hub mode: who this user is to the shared host, and their share of its budget.
+            "user": status.get("user"),
+            "share": status.get("share"),
         }
 
     async def stop_extension(self) -> None:
