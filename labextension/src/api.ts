@@ -14,6 +14,8 @@ export interface ILease {
   /** The name to show: a notebook's path relative to the server's root. */
   display: string;
   since: number;
+  /** On a JupyterHub's shared host: the Hub user who holds it. */
+  user?: string | null;
 }
 
 export type ModelState = 'loading' | 'ready' | 'idle' | 'unloading' | 'failed';
@@ -50,6 +52,8 @@ export interface IModelStatus {
   progress: { [key: string]: unknown } | null;
   failure: string | null;
   info: { [key: string]: unknown };
+  /** On a JupyterHub's shared host: other users' leases, as a count (admins see every lease instead). */
+  other_holders?: { users: number; leases: number };
 }
 
 export type DeploymentState = 'deploying' | 'ready' | 'failed' | 'undeploying';
@@ -81,7 +85,11 @@ export interface IDeploymentStatus {
 
 /** Why a Ray deploy in progress waits (its replicas cannot be placed), or null. */
 export function deploymentWait(d: IDeploymentStatus): string | null {
-  if (d.state === 'deploying' && d.ray?.waiting_for_resources && d.ray.message) {
+  if (
+    d.state === 'deploying' &&
+    d.ray?.waiting_for_resources &&
+    d.ray.message
+  ) {
     return d.ray.message;
   }
   return null;
@@ -106,7 +114,9 @@ export interface IHostStatus {
   restarts: number;
   last_exit: IHostExit | null;
   error: string | null;
-  log_file: string;
+  log_file: string | null;
+  /** 'jupyterhub': the Hub's shared host, which users neither start nor stop. */
+  shared?: string;
 }
 
 /** What the panel shows; the server sends a new one after every change. */
@@ -119,6 +129,9 @@ export interface ISnapshot {
   budget_kind: 'gpu' | 'ram' | null;
   used_bytes: number | null;
   version: number;
+  /** On a JupyterHub's shared host: who the host takes this user for, and their share of its budget. */
+  user?: { name: string; admin: boolean } | null;
+  share?: { bytes: number; source: string; held_bytes: number } | null;
 }
 
 export interface ICatalogEntry {

@@ -12,6 +12,7 @@ import {
   ILoadRequest,
   ISnapshot,
   IHostStatus,
+  ILease,
   IModelStatus,
   postJSON,
   readServerSentEvents,
@@ -21,6 +22,13 @@ import {
 
 /** Who the server extension names as the holder when the panel loads a model. */
 export const PANEL_CLIENT_PREFIX = 'jupyter-panel:';
+
+/** Whether a lease is this panel's own (on a JupyterHub's shared host, clients are "user/client"). */
+export function isPanelLease(lease: ILease): boolean {
+  return lease.client
+    .slice(lease.client.indexOf('/') + 1)
+    .startsWith(PANEL_CLIENT_PREFIX);
+}
 
 export class LlmModel implements IDisposable {
   constructor() {
@@ -79,9 +87,13 @@ export class LlmModel implements IDisposable {
   /** Notebooks and other clients that hold `name`, the panel itself left out. */
   holders(name: string): string[] {
     const model = this.model(name);
-    return (model?.leases ?? [])
-      .filter(lease => !lease.client.startsWith(PANEL_CLIENT_PREFIX))
+    const named = (model?.leases ?? [])
+      .filter(lease => !isPanelLease(lease))
       .map(lease => lease.display || lease.name);
+    const others = model?.other_holders?.users ?? 0;
+    return others
+      ? [...named, `${others} other user${others === 1 ? '' : 's'}`]
+      : named;
   }
 
   async refresh(): Promise<void> {

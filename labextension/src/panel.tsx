@@ -9,6 +9,7 @@ import * as React from 'react';
 import {
   IChatMessage,
   ICatalogEntry,
+  ILease,
   IModelStatus,
   IPromptCache,
   streamChat
@@ -17,7 +18,7 @@ import { CommandIDs, errorMessage } from './commands';
 import { DeploymentsSection } from './deployments';
 import { baseName, formatBytes, formatCountdown, formatTime } from './format';
 import { llmIcon } from './icons';
-import { LlmModel, PANEL_CLIENT_PREFIX } from './model';
+import { isPanelLease, LlmModel } from './model';
 
 export const PANEL_ID = 'llm-nb-panel';
 
@@ -76,7 +77,12 @@ function Panel({ model, commands }: IProps): JSX.Element {
         ) : (
           <ul className="jp-LlmNb-models">
             {model.models.map(m => (
-              <ModelCard key={m.name} model={m} commands={commands} />
+              <ModelCard
+                key={m.name}
+                model={m}
+                commands={commands}
+                me={model.snapshot?.user?.name ?? null}
+              />
             ))}
           </ul>
         )}
@@ -91,22 +97,27 @@ function Panel({ model, commands }: IProps): JSX.Element {
 function HostBadge({ model, commands }: IProps): JSX.Element {
   const host = model.host;
   const state = !model.connected ? 'disconnected' : (host?.state ?? 'stopped');
+  const shared = host?.shared === 'jupyterhub';
   const title =
     host?.pid && host.state === 'running'
-      ? `model host pid ${host.pid}${host.adopted ? ' (started by a kernel)' : ''}`
+      ? `model host pid ${host.pid}${shared ? " (the JupyterHub's, shared by every user)" : host.adopted ? ' (started by a kernel)' : ''}`
       : `model host ${state}`;
   return (
     <div className="jp-LlmNb-hostBadge" title={title}>
       <span className={`jp-LlmNb-dot jp-LlmNb-host-${state}`} />
-      <span>host {state}</span>
-      <button
-        className="jp-LlmNb-linkButton"
-        onClick={() => commands.execute(CommandIDs.showHostLog)}
-        title="Show the model host log"
-      >
-        log
-      </button>
-      {host && host.state !== 'stopped' && (
+      <span>
+        {shared ? 'shared host' : 'host'} {state}
+      </span>
+      {!shared && (
+        <button
+          className="jp-LlmNb-linkButton"
+          onClick={() => commands.execute(CommandIDs.showHostLog)}
+          title="Show the model host log"
+        >
+          log
+        </button>
+      )}
+      {host && host.state !== 'stopped' && !shared && (
         <button
           className="jp-LlmNb-linkButton"
           onClick={() => commands.execute(CommandIDs.restartHost)}
@@ -194,6 +205,7 @@ function BudgetBar({ model }: { model: LlmModel }): JSX.Element | null {
   const kind =
     snapshot.budget_kind === 'gpu' ? 'GPU memory budget' : 'RAM budget';
   const share = Math.min(100, (used / budget) * 100);
+  const mine = snapshot.share;
   return (
     <section className="jp-LlmNb-section" aria-label="Memory budget">
       <div className="jp-LlmNb-budgetLabel">
@@ -202,6 +214,21 @@ function BudgetBar({ model }: { model: LlmModel }): JSX.Element | null {
           {formatBytes(used)} of {formatBytes(budget)}
         </span>
       </div>
+      {mine && snapshot.user && (
+        <div
+          className="jp-LlmNb-budgetLabel jp-LlmNb-share"
+          title={`on the JupyterHub's shared host: ${mine.source}`}
+        >
+          <span>
+            {snapshot.user.name}
+            {snapshot.user.admin ? ' (admin)' : ''}
+          </span>
+          <span className="jp-LlmNb-nowrap">
+            holds {formatBytes(mine.held_bytes)} of a {formatBytes(mine.bytes)}{' '}
+            share
+          </span>
+        </div>
+      )}
       <div
         className={`jp-LlmNb-budget${share > 90 ? ' jp-mod-full' : ''}`}
         role="meter"
@@ -249,17 +276,76 @@ function CacheFact({ cache }: { cache?: IPromptCache }): JSX.Element | null {
   );
 }
 
+/** On a JupyterHub's shared host: "you (a.ipynb, b.ipynb)", other users' notebooks by user (an admin sees
+ * them), then "and 3 other users". */
+function SharedHolders({
+  holders,
+  panelHolds,
+  others,
+  me
+}: {
+  holders: ILease[];
+  panelHolds: boolean;
+  others: number;
+  me: string;
+}): JSX.Element {
+  const mine = holders.filter(l => !l.user || l.user === me);
+  const named = holders.filter(l => l.user && l.user !== me);
+  const parts: JSX.Element[] = [];
+  if (mine.length || panelHolds) {
+    const what = mine.map(l => l.display || baseName(l.name));
+    if (panelHolds) {
+      what.push('this panel');
+    }
+    parts.push(
+      <span
+        key="you"
+        className="jp-LlmNb-holder jp-LlmNb-you"
+        title={what.join(', ')}
+      >
+        you ({what.join(', ')})
+      </span>
+    );
+  }
+  for (const lease of named) {
+    parts.push(
+      <span key={lease.client} className="jp-LlmNb-holder" title={lease.name}>
+        {lease.user}: {lease.display || baseName(lease.name)}
+      </span>
+    );
+  }
+  if (others) {
+    parts.push(
+      <span key="others" className="jp-LlmNb-others">
+        {others} other user{others === 1 ? '' : 's'}
+      </span>
+    );
+  }
+  return (
+    <>
+      Held by{' '}
+      {parts.map((part, i) => (
+        <span key={i}>
+          {i > 0 && (i === parts.length - 1 ? ' and ' : ', ')}
+          {part}
+        </span>
+      ))}
+    </>
+  );
+}
+
 function ModelCard({
   model,
-  commands
+  commands,
+  me
 }: {
   model: IModelStatus;
   commands: CommandRegistry;
+  me: string | null;
 }): JSX.Element {
-  const holders = model.leases.filter(
-    l => !l.client.startsWith(PANEL_CLIENT_PREFIX)
-  );
+  const holders = model.leases.filter(l => !isPanelLease(l));
   const panelHolds = holders.length < model.leases.length;
+  const others = model.other_holders?.users ?? 0;
   const memory =
     model.state === 'loading'
       ? `~${formatBytes(model.estimate_bytes)} (estimate)`
@@ -289,7 +375,14 @@ function ModelCard({
       </div>
       {model.failure && <div className="jp-LlmNb-failure">{model.failure}</div>}
       <div className="jp-LlmNb-holders">
-        {holders.length ? (
+        {me && (holders.length || panelHolds || others) ? (
+          <SharedHolders
+            holders={holders}
+            panelHolds={panelHolds}
+            others={others}
+            me={me}
+          />
+        ) : holders.length ? (
           <>
             Held by{' '}
             {holders.map((lease, i) => (
