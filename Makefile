@@ -37,6 +37,8 @@ install-test: $(BIN)/python
 	@echo "llm-nb: installing with the test extras; llama-cpp-python compiles from source the first time (about 10 minutes on 2 cores)."
 	$(PIP) install --quiet "$(TORCH_SPEC)"
 	$(PIP) install --progress-bar on -e ".[test,transformers,widgets,consume,ray]"
+	@echo "llm-nb: configurable-http-proxy (npm) for the JupyterHub tests, into $(VENV)/chp"
+	npm install --no-save --no-audit --no-fund --silent --prefix $(VENV)/chp configurable-http-proxy
 
 # vLLM in its own venv (about 90 s and 3.5 GB on a fresh machine; pip caches the wheels). On CPU:
 # - torchvision, torchaudio and torchcodec come built for another torch and break vLLM's imports; its
