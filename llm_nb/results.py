@@ -145,6 +145,8 @@ class LoadResult(dict):
         if self.get("attached"):
             n = len(self.get("other_holders") or [])
             took = self.get("round_trip_s", self["seconds"]) * 1000
+            if model.get("holders"):  # a JupyterHub's shared host: "held by you (1 notebook) and 2 other users"
+                return line + f" · attached in {took:.0f} ms: already loaded, now {model['holders']}"
             line += f" · attached in {took:.0f} ms: " + (
                 f"already loaded for {n} other notebook{'s' * (n != 1)}"
                 if n

@@ -123,7 +123,10 @@ def load_in_both(kernels) -> None:
 
 
 def test_two_users_load_one_worker_with_two_leases_and_each_sees_the_other_as_a_count(hub, users, kernels):
-    load_in_both(kernels)
+    reply, out = kernels["alice"].run("%llm_load smollm2")
+    assert reply["status"] == "ok" and "smollm2" in out, out
+    _, out = kernels["bob"].run("%llm_load smollm2")  # attaches to alice's copy, and says so without her name
+    assert "already loaded, now held by you (1 notebook) and 1 other user" in out, out
     full = host_status(hub)  # the host key: the operator's view
     model = model_of(full)
     assert len(worker_pids(hub)) == 1
@@ -208,6 +211,11 @@ def test_a_load_past_the_users_share_is_507_naming_the_share(hub, users):
     assert "carol holds 0 B" in error["message"] and "Unload one of yours" in error["message"]
     assert error["share_bytes"] == 50 * 1024**2
     assert all(lease["user"] != "carol" for lease in model_of(host_status(hub))["leases"])
+    # carol holds nothing: the model's log is for its holders and admins
+    logs = requests.get(
+        hub.service_url + "/api/models/smollm2/logs", headers={"Authorization": f"Bearer {users['carol']}"}, timeout=30
+    )
+    assert logs.status_code == 403, logs.text
 
 
 # --- fairness -----------------------------------------------------------------------------
@@ -332,6 +340,8 @@ def test_deploy_names_are_per_user_and_a_session_token_opens_only_its_owners_dep
         hub.service_url + "/api/deployments", headers={"Authorization": f"Bearer {users['alice']}"}, timeout=30
     ).json()["deployments"]
     assert [d["name"] for d in listed] == ["alice~echo"]
+    assert [d["name"] for d in host_status(hub, users["alice"])["deployments"]] == ["alice~echo"]
+    assert sorted(d["name"] for d in host_status(hub, users["admin"])["deployments"]) == ["alice~echo", "bob~echo"]
 
     def predict(name: str, token: str) -> requests.Response:
         return post(hub, f"/models/{name}/", token, {"x": 1})

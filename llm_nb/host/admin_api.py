@@ -51,7 +51,7 @@ def status_json(request: web.Request) -> dict:
     app = request.app
     status = registry_of(request).status_json()
     principal = request[PRINCIPAL]
-    deployments = app["deployments"].status_json(principal.allows)
+    deployments = app["deployments"].status_json(principal.may_use_deployment)
     if principal.kind == "user":
         return _user_status(request, status, deployments)
     if principal.kind != "key":
@@ -88,6 +88,7 @@ def _user_status(request: web.Request, status: dict, deployments: list[dict]) ->
         version=__version__,
         started=request.app["info"]["started"],
         pid=request.app["info"]["pid"],
+        url=request.app["info"]["url"],
         user={"name": user.name, "admin": user.admin},
         share={"bytes": share, "source": source, "held_bytes": sum(part for _, part, _ in held)},
         hub=True,
@@ -113,7 +114,7 @@ async def status(request: web.Request) -> web.Response:
 
 def _deployments_shown(request: web.Request) -> list[tuple]:
     """What a status reader sees change in the deployments (not memory, which moves all the time)."""
-    listed = request.app["deployments"].status_json(request[PRINCIPAL].allows)
+    listed = request.app["deployments"].status_json(request[PRINCIPAL].may_use_deployment)
     keys = ("name", "version", "engine", "state", "requests_served", "errors")
     return [(*(d[k] for k in keys), dumps(d["replicas"])) for d in listed]
 
@@ -294,6 +295,10 @@ async def logs(request: web.Request) -> web.Response:
     except ValueError:
         raise InvalidRequest("lines must be a whole number") from None
     model = registry.models.get(name)
+    principal = request[PRINCIPAL]
+    if principal.kind == "user" and not principal.is_operator:
+        if model is None or all(lease.user != principal.user_name for lease in model.leases.values()):
+            raise PermissionDenied(f"the log of {name!r} is for its holders and the Hub's admins; load it first")
     path = model.runner.log_path if model and model.runner else None
     if path is None:
         path = registry.log_dir / f"{name}.log"
