@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from llm_nb.config import format_bytes  # noqa: E402
-from tests.hub_servers import RemoteKernel, RunningHub, start_hub  # noqa: E402
+from tests.hub_servers import RemoteKernel, RunningHub, first_token_s, start_hub  # noqa: E402
 
 MODEL = "smollm2"
 
@@ -99,41 +99,19 @@ def settle_memory(hub: RunningHub, per_server: bool) -> tuple[int, int, int]:
     return rss, pss, workers
 
 
-def first_token_s(url: str, token: str, max_tokens: int = 4) -> float:
-    started = time.perf_counter()
-    with requests.post(
-        url + "/v1/chat/completions",
-        headers={"Authorization": f"Bearer {token}"},
-        json={
-            "model": MODEL,
-            "messages": [{"role": "user", "content": "Name a colour."}],
-            "max_tokens": max_tokens,
-            "stream": True,
-            "temperature": 0,
-        },
-        stream=True,
-        timeout=300,
-    ) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if line.startswith(b"data: ") and b'"content"' in line:
-                return time.perf_counter() - started
-    raise RuntimeError("no token came")
-
-
 def fairness(hub: RunningHub, samples: int, max_tokens: int) -> dict:
     busy_user, other = hub.add_user("fair-busy"), hub.add_user("fair-other")
     url = hub.service_url
     requests.post(
         url + "/api/models/load", headers={"Authorization": f"Bearer {other}"}, json={"model": MODEL}, timeout=300
     ).raise_for_status()
-    idle = statistics.median(first_token_s(url, other) for _ in range(samples))
+    idle = statistics.median(first_token_s(url, other, MODEL) for _ in range(samples))
     stop = threading.Event()
 
     def keep_busy() -> None:
         while not stop.is_set():
             try:
-                first_token_s(url, busy_user, max_tokens)
+                first_token_s(url, busy_user, MODEL, max_tokens)
             except Exception:
                 time.sleep(0.05)
 
@@ -143,8 +121,8 @@ def fairness(hub: RunningHub, samples: int, max_tokens: int) -> dict:
     time.sleep(3)
     beside, own = [], []
     for _ in range(samples):
-        beside.append(first_token_s(url, other))
-        own.append(first_token_s(url, busy_user))
+        beside.append(first_token_s(url, other, MODEL))
+        own.append(first_token_s(url, busy_user, MODEL))
     stop.set()
     for thread in threads:
         thread.join(120)

@@ -135,7 +135,23 @@ class FixedHost:
         return HostUnavailable(f"the llm-nb host at {self.info['url']} closed the {what} stream without an answer")
 
 
-class HubLocator:
+class _Announcing:
+    """What both locators of a replaceable host keep: the host found, how the one before ended, notices."""
+
+    def __init__(self, on_notice: Callable[[str], None] | None):
+        self.on_notice = on_notice or print_notice
+        self.info: dict | None = None
+        #: How the host before the current one ended (its exit record), when this client saw it go.
+        self.previous_exit: dict | None = None
+        self.notices: list[str] = []
+        self._lock = threading.Lock()
+
+    def announce(self, message: str) -> None:
+        self.notices.append(message)
+        self.on_notice(message)
+
+
+class HubLocator(_Announcing):
     """The host a JupyterHub runs for all its users (``llm-nb hub-service``), called with this user's own
     Hub API token; the Hub's host is never started or replaced from here.
 
@@ -147,13 +163,9 @@ class HubLocator:
     replaceable = True
 
     def __init__(self, url: str, token: str, on_notice: Callable[[str], None] | None = None):
+        super().__init__(on_notice)
         self.url = url.rstrip("/")
         self.token = token
-        self.on_notice = on_notice or print_notice
-        self.info: dict | None = None
-        self.previous_exit: dict | None = None
-        self.notices: list[str] = []
-        self._lock = threading.Lock()
 
     def find(self, refresh: bool = False) -> dict:
         with self._lock:
@@ -172,12 +184,10 @@ class HubLocator:
             previous = self.info
             if previous is not None and previous.get("pid") != info["pid"]:
                 self.previous_exit = {"pid": previous.get("pid"), "reason": "restarted", "replaced_at": time.time()}
-                message = (
+                self.announce(
                     f"the JupyterHub's llm-nb host was restarted (pid {previous.get('pid')} is now {info['pid']}): "
                     "models loaded before must be loaded again"
                 )
-                self.notices.append(message)
-                self.on_notice(message)
             self.info = info
             return info
 
@@ -209,7 +219,7 @@ def hub_locator(on_notice: Callable[[str], None] | None = None) -> HubLocator | 
     return HubLocator(url, token, on_notice)
 
 
-class HostLocator:
+class HostLocator(_Announcing):
     """Finds the host of one connection file, and says what became of the one before.
 
     A host is started here only when none answers *before* a request is sent
@@ -220,14 +230,9 @@ class HostLocator:
     replaceable = True
 
     def __init__(self, connection_file: Path, autostart: bool, on_notice: Callable[[str], None] | None = None):
+        super().__init__(on_notice)
         self.connection_file = connection_file
         self.autostart = autostart
-        self.on_notice = on_notice or print_notice
-        self.info: dict | None = None
-        #: How the host before the current one ended (its exit record), when this client saw it go.
-        self.previous_exit: dict | None = None
-        self.notices: list[str] = []
-        self._lock = threading.Lock()
 
     def find(self, refresh: bool = False) -> dict:
         with self._lock:
@@ -257,8 +262,7 @@ class HostLocator:
             message = f"started a new host (pid {info['pid']}): the previous one (pid {pid}) {how}"
         else:
             message = f"a new host (pid {info['pid']}) took over: the previous one (pid {pid}) {how}"
-        self.notices.append(message)
-        self.on_notice(message)
+        self.announce(message)
 
     def lost(self, info: dict, exc: BaseException) -> HostUnavailable:
         """The error for a request whose host stopped answering after it was sent."""

@@ -27,7 +27,7 @@ import psutil
 import requests
 from jupyter_client.session import Session
 
-from tests.jupyter_servers import free_port
+from tests.jupyter_servers import _descendants, free_port
 
 HUB_START_S = 90
 SERVER_START_S = 90
@@ -218,13 +218,6 @@ def stop_shared_host(hub_dir: Path) -> None:
             child.kill()
 
 
-def _descendants(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        return []
-
-
 def start_hub(
     tmp: Path, *, admins=("admin",), share: str = "1", service_env: dict | None = None, user_env: dict | None = None
 ) -> RunningHub:
@@ -319,6 +312,29 @@ def _wait_until_up(hub: RunningHub) -> None:
             pass
         time.sleep(0.3)
     raise RuntimeError(f"the Hub or its llm-nb service did not start:\n{hub.log()[-6000:]}")
+
+
+def first_token_s(url: str, token: str, model: str, max_tokens: int = 4) -> float:
+    """Seconds from sending a streaming chat to ``url``'s host until its first piece of text."""
+    started = time.perf_counter()
+    with requests.post(
+        url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {token}"},
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": "Name a colour."}],
+            "max_tokens": max_tokens,
+            "stream": True,
+            "temperature": 0,
+        },
+        stream=True,
+        timeout=300,
+    ) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if line.startswith(b"data: ") and b'"content"' in line:
+                return time.perf_counter() - started
+    raise AssertionError("the stream ended without a token")
 
 
 def _answers(url: str) -> bool:

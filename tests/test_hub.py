@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from tests.conftest import wait_for
-from tests.hub_servers import RemoteKernel, RunningHub, proxy_command, start_hub
+from tests.hub_servers import RemoteKernel, RunningHub, first_token_s, proxy_command, start_hub
 
 pytestmark = [
     pytest.mark.slow,
@@ -219,28 +219,6 @@ def test_a_load_past_the_users_share_is_507_naming_the_share(hub, users):
 
 
 # --- fairness -----------------------------------------------------------------------------
-
-
-def first_token_s(url: str, token: str, model: str, max_tokens: int = 4) -> float:
-    started = time.perf_counter()
-    with requests.post(
-        url + "/v1/chat/completions",
-        headers={"Authorization": f"Bearer {token}"},
-        json={
-            "model": model,
-            "messages": [{"role": "user", "content": "Name a colour."}],
-            "max_tokens": max_tokens,
-            "stream": True,
-            "temperature": 0,
-        },
-        stream=True,
-        timeout=120,
-    ) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if line.startswith(b"data: ") and b'"content"' in line:
-                return time.perf_counter() - started
-    raise AssertionError("the stream ended without a token")
 
 
 def keep_in_flight(url: str, token: str, model: str, count: int, stop: threading.Event, max_tokens: int) -> list:
