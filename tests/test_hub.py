@@ -142,6 +142,12 @@ def test_two_users_load_one_worker_with_two_leases_and_each_sees_the_other_as_a_
         assert "you (1 notebook) and 1 other user" in out, out
         assert f"you are {me} on the JupyterHub's shared host" in out
 
+    # the ipywidgets panel in alice's kernel says the same
+    _, out = kernels["alice"].run(
+        "import llm_nb\npanel = llm_nb.panel(interval=60)\npanel.refresh()\nprint(panel.models.value)\npanel.close()"
+    )
+    assert "you (1 notebook) and 1 other user" in out and "bob" not in out, out
+
     admin = model_of(host_status(hub, users["admin"]))  # a Hub admin sees names
     assert admin["holders"] == "held by alice and bob"
     assert len(admin["leases"]) == 2

@@ -82,7 +82,15 @@ class HubIdentity:
     """Users from their tokens (``HubAuth``, cached), their details, and which of them run a server."""
 
     def __init__(self, settings: HubSettings):
-        from jupyterhub.services.auth import HubAuth
+        try:
+            from jupyterhub.services.auth import HubAuth
+        except ImportError:
+            raise LlmNbError(
+                "hub mode asks the Hub who calls, with jupyterhub's HubAuth: install it beside llm-nb "
+                "(pip install 'llm-nb[hub]', or pip install jupyterhub)",
+                code="invalid_request",
+                status=400,
+            ) from None
 
         self.settings = settings
         self.auth = HubAuth(
@@ -198,7 +206,7 @@ class HubMode:
         self.shares = Shares.from_env()
         #: Every user seen, as the Hub last described them (the share check needs their groups).
         self.users: dict[str, HubUser] = {}
-        self.poll_interval = poll_interval or float(os.environ.get("LLM_NB_HUB_POLL_S", "2"))
+        self.poll_interval = poll_interval or float(os.environ.get("LLM_NB_HUB_POLL_S", "3"))
         #: Whether users (not only admins) may deploy model.py, which runs as the service's account.
         self.user_deploys = os.environ.get("LLM_NB_HUB_USER_DEPLOYS", "0").strip().lower() in ("1", "true", "yes")
         registry.admission = check_share(
