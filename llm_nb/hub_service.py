@@ -206,3 +206,11 @@ def configure_jupyterhub(
         {ADMIN_SCOPE: {"description": "Unload any user's model on the shared llm-nb host, and stop it"}}
     )
     c.Spawner.environment.update({"LLM_NB_HUB_URL": url, "LLM_NB_HUB_SERVICE": name})
+    # A user granted the admin scope (a role with custom:llm-nb:admin) carries it in their server's token,
+    # so their kernels and panel act as llm-nb admins: the Hub gives a server only the scopes its user holds.
+    if "server_token_scopes" in c.Spawner:
+        scopes = c.Spawner.server_token_scopes
+        if isinstance(scopes, list) and ADMIN_SCOPE not in scopes:
+            c.Spawner.server_token_scopes = [*scopes, ADMIN_SCOPE]
+    else:  # the Hub's default (its "server" role), plus ours
+        c.Spawner.server_token_scopes = ["users:activity!user", "access:servers!server", ADMIN_SCOPE]

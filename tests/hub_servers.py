@@ -70,7 +70,9 @@ c.Spawner.environment = dict(settings["user_env"])
 c.SimpleLocalProcessSpawner.home_dir_template = settings["dir"] + "/home/{{username}}"
 c.JupyterHub.services = [{{"name": "test-admin", "api_token": settings["admin_token"]}}]
 c.JupyterHub.load_roles = [
-    {{"name": "test-admin", "services": ["test-admin"], "scopes": ["admin:users", "admin:servers", "tokens", "list:users", "read:users"]}}
+    {{"name": "test-admin", "services": ["test-admin"], "scopes": ["admin:users", "admin:servers", "tokens", "list:users", "read:users"]}},
+    # erin is an llm-nb admin by the custom scope alone, not a Hub admin
+    {{"name": "llm-nb-admins", "users": ["erin"], "scopes": ["custom:llm-nb:admin"]}},
 ]
 configure_jupyterhub(c, port=settings["service_port"], environment=settings["service_env"], user_share=settings["share"])
 """

@@ -68,7 +68,7 @@ def _host_pid(hub: RunningHub) -> int | None:
 
 @pytest.fixture(scope="module")
 def users(hub) -> dict[str, str]:
-    return {name: hub.add_user(name, admin=(name == "admin")) for name in ("alice", "bob", "carol", "admin")}
+    return {name: hub.add_user(name, admin=(name == "admin")) for name in ("alice", "bob", "carol", "admin", "erin")}
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +200,9 @@ def test_force_unload_of_a_model_other_users_hold_is_for_admins_and_says_whom_it
     assert "admin" in response.json()["error"]["message"]
     assert model_of(host_status(hub)) is not None
 
-    response = post(hub, "/api/models/unload", users["admin"], {"model": "smollm2", "force": True})
+    # erin holds the custom:llm-nb:admin scope (a role), without being a Hub admin
+    assert host_status(hub, users["erin"])["user"] == {"name": "erin", "admin": True}
+    response = post(hub, "/api/models/unload", users["erin"], {"model": "smollm2", "force": True})
     assert response.status_code == 200, response.text
     assert response.json()["taken_from_users"] == ["alice", "bob"]
     assert model_of(host_status(hub)) is None
