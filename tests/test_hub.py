@@ -34,12 +34,19 @@ SHARES = {"carol": "50MiB"}
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory) -> Iterator[RunningHub]:
+    from llm_nb.catalog import smollm2_path
+
+    folder = tmp_path_factory.mktemp("hub")
+    models = folder / "shared-models"  # the operator's folder of model files users may load by path
+    models.mkdir()
+    (models / "smol.gguf").symlink_to(smollm2_path())
     running = start_hub(
-        tmp_path_factory.mktemp("hub"),
+        folder,
         service_env={
             "LLM_NB_USER_SHARES": json.dumps(SHARES),
             "LLM_NB_KEEP_ALIVE": "600",
             "LLM_NB_HUB_USER_DEPLOYS": "1",
+            "LLM_NB_HUB_MODEL_DIRS": str(models),
         },
     )
     try:
@@ -350,6 +357,19 @@ def test_deploy_names_are_per_user_and_a_session_token_opens_only_its_owners_dep
     for name in ("alice", "bob"):
         response = post(hub, "/api/deployments/undeploy", users[name], {"name": "echo"})
         assert response.status_code == 200, response.text
+
+
+def test_users_load_model_files_only_from_the_operators_folders(hub, users):
+    from llm_nb.catalog import smollm2_path
+
+    outside = post(hub, "/api/models/load", users["bob"], {"model": smollm2_path(), "name": "smol-outside"})
+    assert outside.status_code == 403, outside.text
+    assert "LLM_NB_HUB_MODEL_DIRS" in outside.json()["error"]["message"]
+    shared = str(hub.dir / "shared-models" / "smol.gguf")
+    inside = post(hub, "/api/models/load", users["bob"], {"model": shared, "name": "smol-shared"})
+    assert inside.status_code == 200, inside.text
+    gone = post(hub, "/api/models/unload", users["bob"], {"model": "smol-shared", "force": True})
+    assert gone.status_code == 200 and gone.json()["taken_from_users"] == [], gone.text
 
 
 def test_trust_remote_code_on_the_shared_host_is_for_admins(hub, users):

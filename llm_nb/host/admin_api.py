@@ -189,6 +189,10 @@ async def load(request: web.Request) -> web.StreamResponse:
         task=body.task,
         catalog_path=request.app["settings"].catalog_file,
     )
+    principal = request[PRINCIPAL]
+    if principal.kind == "user" and not principal.is_operator:
+        catalog = await asyncio.to_thread(catalog_entries, request.app["settings"].catalog_file)
+        request.app["hub"].check_model_path(body.model or "", spec.path, catalog)
     keep_alive = parse_duration(body.keep_alive) if body.keep_alive is not None else None
     lease = _lease(request, body.client)
     registry = registry_of(request)

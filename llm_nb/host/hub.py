@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from ..errors import LlmNbError
+from ..errors import LlmNbError, PermissionDenied
 from .http import Principal
 from .users import HubUser, Shares, check_share, describe_holders_privately
 
@@ -207,6 +207,12 @@ class HubMode:
         #: Every user seen, as the Hub last described them (the share check needs their groups).
         self.users: dict[str, HubUser] = {}
         self.poll_interval = poll_interval or float(os.environ.get("LLM_NB_HUB_POLL_S", "3"))
+        #: Where users (not admins) may load model files from by path; none set: anywhere the service reads.
+        self.model_dirs = [
+            os.path.normpath(os.path.abspath(os.path.expanduser(d)))
+            for d in os.environ.get("LLM_NB_HUB_MODEL_DIRS", "").split(os.pathsep)
+            if d.strip()
+        ]
         #: Whether users (not only admins) may deploy model.py, which runs as the service's account.
         self.user_deploys = os.environ.get("LLM_NB_HUB_USER_DEPLOYS", "0").strip().lower() in ("1", "true", "yes")
         registry.admission = check_share(
@@ -221,6 +227,21 @@ class HubMode:
             return None
         self.users[user.name] = user
         return Principal("user", subject=user.name, user=user)
+
+    def check_model_path(self, requested: str, path: str | None, catalog: dict) -> None:
+        """A user's load of a model file by path must come from ``LLM_NB_HUB_MODEL_DIRS`` (when set): the host
+        reads it as the service's account. The operator's catalog aliases are always allowed."""
+        if not self.model_dirs or not path or requested in catalog:
+            return
+        # The path as asked for, lexically (the load resolves it): an operator's folder of symlinks to where the
+        # weights live is fine; users must not be able to write in these folders.
+        where = os.path.normpath(requested) if os.path.isabs(requested) else ""
+        if any(where == d or where.startswith(d.rstrip(os.sep) + os.sep) for d in self.model_dirs):
+            return
+        raise PermissionDenied(
+            f"on this JupyterHub's shared host, users load models from the catalog or from "
+            f"{os.pathsep.join(self.model_dirs)} (LLM_NB_HUB_MODEL_DIRS), not {requested}: ask an admin to put it there"
+        )
 
     async def start(self, app) -> None:
         self._watch = asyncio.create_task(release_stopped_servers(self.registry, self.identity, self.poll_interval))
