@@ -423,11 +423,15 @@ def _answers(hub: RunningHub) -> bool:
 def test_stopping_a_users_server_releases_their_leases_within_seconds(hub, users, kernels):
     load_in_both(kernels)  # after the host restart above, alice's lease is on the old host
     wait_for(lambda: len(model_of(host_status(hub))["leases"]) >= 2, 60, message="both users hold smollm2")
+    # a script of alice's with her personal API token, outside any server: its lease is not the server's
+    script = post(hub, "/api/models/load", users["alice"], {"model": "smollm2", "client": {"id": "alice-script"}})
+    assert script.status_code == 200, script.text
     started = time.monotonic()
     hub.stop_server("alice")
-    wait_for(
-        lambda: [lease["user"] for lease in model_of(host_status(hub))["leases"]] == ["bob"],
-        15,
-        message="alice's lease released",
-    )
+
+    def holders() -> list[str]:
+        return sorted(lease["client"] for lease in model_of(host_status(hub))["leases"])
+
+    wait_for(lambda: len(holders()) == 2, 15, message="alice's kernel's lease released")
     print(f"\nalice's lease released {time.monotonic() - started:.1f} s after her server was asked to stop")
+    assert holders()[0] == "alice/alice-script" and holders()[1].startswith("bob/"), holders()

@@ -186,7 +186,9 @@ async def release_stopped_servers(registry, identity: HubIdentity, interval: flo
                 continue
 
             def gone(lease, running=running) -> bool:
-                return lease.user is not None and (lease.server or "") not in running.get(lease.user, set())
+                # Only leases taken from inside a server name one: a script with a personal API token holds
+                # its lease until it unloads, or its process ends, as without a Hub.
+                return lease.server is not None and lease.server not in running.get(lease.user, set())
 
             released = await registry.release(gone, "its Jupyter server stopped")
             if released:
