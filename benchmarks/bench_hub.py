@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from llm_nb.config import format_bytes  # noqa: E402
-from tests.hub_servers import RemoteKernel, RunningHub, first_token_s, start_hub  # noqa: E402
+from tests.hub_servers import RemoteKernel, RunningHub, first_token_s, keep_in_flight, start_hub  # noqa: E402
 
 MODEL = "smollm2"
 
@@ -108,16 +108,7 @@ def fairness(hub: RunningHub, samples: int, max_tokens: int) -> dict:
     idle = statistics.median(first_token_s(url, other, MODEL) for _ in range(samples))
     stop = threading.Event()
 
-    def keep_busy() -> None:
-        while not stop.is_set():
-            try:
-                first_token_s(url, busy_user, MODEL, max_tokens)
-            except Exception:
-                time.sleep(0.05)
-
-    threads = [threading.Thread(target=keep_busy, daemon=True) for _ in range(16)]
-    for thread in threads:
-        thread.start()
+    threads = keep_in_flight(url, busy_user, MODEL, 16, stop, max_tokens)
     time.sleep(3)
     beside, own = [], []
     for _ in range(samples):

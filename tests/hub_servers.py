@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -337,6 +338,22 @@ def first_token_s(url: str, token: str, model: str, max_tokens: int = 4) -> floa
             if line.startswith(b"data: ") and b'"content"' in line:
                 return time.perf_counter() - started
     raise AssertionError("the stream ended without a token")
+
+
+def keep_in_flight(url: str, token: str, model: str, count: int, stop, max_tokens: int) -> list[threading.Thread]:
+    """``count`` threads, each sending one streaming chat after another until ``stop`` (an Event) is set."""
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                first_token_s(url, token, model, max_tokens)
+            except Exception:  # a refused or broken request: the next one goes on
+                time.sleep(0.05)
+
+    threads = [threading.Thread(target=loop, daemon=True) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads
 
 
 def _answers(url: str) -> bool:

@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from tests.conftest import wait_for
-from tests.hub_servers import RemoteKernel, RunningHub, first_token_s, proxy_command, start_hub
+from tests.hub_servers import RemoteKernel, RunningHub, first_token_s, keep_in_flight, proxy_command, start_hub
 
 pytestmark = [
     pytest.mark.slow,
@@ -171,15 +171,15 @@ def test_a_second_notebook_of_one_user_is_counted_once_against_their_share(hub, 
         assert reply["status"] == "ok", out
         mine = host_status(hub, users["alice"])
         assert model_of(mine)["holders"] == "held by you (2 notebooks) and 1 other user"
-        cost = model_of(host_status(hub))["memory_bytes"]
-        assert mine["share"]["held_bytes"] == cost // 2  # shared with bob: half each, whatever the notebooks
+        # shared with bob: half each, whatever the notebooks (memory as this one status measured it)
+        assert mine["share"]["held_bytes"] == model_of(mine)["memory_bytes"] // 2
     finally:
         second.close()
-    wait_for(
-        lambda: model_of(host_status(hub, users["alice"]))["holders"].startswith("held by you (1 notebook)"),
-        30,
-        message="the closed kernel's lease released",
-    )
+        wait_for(
+            lambda: model_of(host_status(hub, users["alice"]))["holders"].startswith("held by you (1 notebook)"),
+            30,
+            message="the closed kernel's lease released",
+        )
 
 
 # --- who may do what ----------------------------------------------------------------------
@@ -234,22 +234,6 @@ def test_a_load_past_the_users_share_is_507_naming_the_share(hub, users):
 
 
 # --- fairness -----------------------------------------------------------------------------
-
-
-def keep_in_flight(url: str, token: str, model: str, count: int, stop: threading.Event, max_tokens: int) -> list:
-    """``count`` threads, each sending one streaming chat after another until ``stop``."""
-
-    def loop() -> None:
-        while not stop.is_set():
-            try:
-                first_token_s(url, token, model, max_tokens)
-            except Exception:
-                time.sleep(0.05)
-
-    threads = [threading.Thread(target=loop, daemon=True) for _ in range(count)]
-    for thread in threads:
-        thread.start()
-    return threads
 
 
 def test_one_users_16_requests_in_flight_do_not_push_another_users_chat_behind_them(hub, users, kernels):
