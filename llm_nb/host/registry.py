@@ -294,12 +294,12 @@ class Registry:
         """End every lease ``gone`` picks (``why``: for the log); returns how many ended."""
         released = 0
         for model in list(self.models.values()):
-            for client, lease in list(model.leases.items()):
-                if gone(lease):
-                    log.info("releasing %s's lease on %s: %s", lease.name, model.spec.name, why)
-                    del model.leases[client]
-                    released += 1
-            if released and not model.leases:
+            ended = [client for client, lease in model.leases.items() if gone(lease)]
+            for client in ended:
+                log.info("releasing %s's lease on %s: %s", model.leases[client].name, model.spec.name, why)
+                del model.leases[client]
+            released += len(ended)
+            if ended and not model.leases:  # this model's last lease ended here: its keep-alive starts
                 model.idle_since = model.idle_since or time.time()
                 await self._expire(model)
         if released:

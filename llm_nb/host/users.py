@@ -119,7 +119,7 @@ def check_share(users: dict[str, HubUser], shares: Shares, models: Iterable[Load
         share, source = shares.bytes_for(user, budget)
         splitters = len(holder_users(model)) + 1 if model is not None else 1
         part = cost // splitters
-        held = holdings(list(models), user.name, kind)
+        held = holdings(models, user.name, kind)
         holding = sum(p for _, p, _ in held)
         if holding + part <= share:
             return
@@ -171,18 +171,15 @@ def view_for(models: list[dict], user: HubUser) -> list[dict]:
     shown = []
     for model in models:
         leases = model.get("leases", [])
-        mine = [lease for lease in leases if lease.get("user") == user.name]
-        others = [lease for lease in leases if lease.get("user") != user.name]
-        entry = dict(model, leases=leases if user.admin else mine)
-        entry["other_holders"] = {
-            "users": len({lease.get("user") for lease in others}) if not user.admin else 0,
-            "leases": len(others) if not user.admin else 0,
-        }
-        if not user.admin:
-            # Where another user's model lives is theirs: no files, logs or processes of it.
-            if not mine:
-                for key in ("path", "log_file", "worker_pid", "url"):
-                    entry[key] = None
+        if user.admin:
+            entry = dict(model, other_holders={"users": 0, "leases": 0})
+        else:
+            mine = [lease for lease in leases if lease.get("user") == user.name]
+            others = [lease for lease in leases if lease.get("user") != user.name]
+            entry = dict(model, leases=mine)
+            entry["other_holders"] = {"users": len({lease.get("user") for lease in others}), "leases": len(others)}
+            if not mine:  # where another user's model lives is theirs: no files, logs or processes of it
+                entry.update(path=None, log_file=None, worker_pid=None, url=None)
         entry["holders"] = holders_phrase(entry, user.name)
         shown.append(entry)
     return shown

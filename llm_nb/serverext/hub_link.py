@@ -29,14 +29,16 @@ class HubServiceLink(HostSupervisor):
         super().__init__(runtime / "llm-nb-hub-service.json", **kwargs)
         self.url = url.rstrip("/")
         self.token = token
+        # Its own pool: the event stream's (``_session``) has the read timeout that finds a silent host.
+        self._health_session: aiohttp.ClientSession | None = None
 
     def describe(self) -> dict:
         return {**super().describe(), "shared": "jupyterhub", "adopted": True, "log_file": None}
 
     async def _health(self) -> dict:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
-        async with self._session.get(self.url + "/health", timeout=aiohttp.ClientTimeout(total=5)) as response:
+        if self._health_session is None or self._health_session.closed:
+            self._health_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        async with self._health_session.get(self.url + "/health") as response:
             response.raise_for_status()
             return await response.json()
 
@@ -99,5 +101,6 @@ class HubServiceLink(HostSupervisor):
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._health_session):
+            if session is not None:
+                await session.close()
